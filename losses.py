@@ -1,0 +1,119 @@
+"""Task losses and the strategies that combine them into one training loss.
+
+Task losses (one per head, each a scalar mean over the batch):
+    SST (5-way) and CFIMDB (2-way) sentiment   cross-entropy on the class logits
+    PARA (Quora paraphrase, binary)            binary cross-entropy on one logit per pair
+    STS (similarity, gold score 0..5)          MSE between the cosine similarity of the two
+                                               sentence embeddings and score / 5
+
+Combining strategies, as compared in the "multi-task BERT" study (CS224N 2023 default project
+style; the equation numbers are the study's). The geometric loss strategy was introduced by
+Chennupati et al. 2019, "MultiNet++: Multi-Stream Feature Aggregation and Geometric Loss Strategy
+for Multi-Task Learning":
+
+    sum  (eq. 1)  L = sum_i L_i
+    GLS  (eq. 7)  L = (prod_{i=1..n} L_i)^(1/n)                              geometric mean
+    FLS  (eq. 8)  L = (prod_{i=1..n} L_i)^(1/n) * (prod_{j in F} L_j)^(1/|F|) GLS times the
+                                                                            focused tasks' GLS
+
+Why GLS: its gradient is dGLS/dL_i = GLS / (n L_i), so each task is weighted by the inverse of its
+own loss. A task whose loss is large (e.g. STS MSE vs. a PARA BCE) no longer dominates the sum,
+and the result does not change if one task's loss is rescaled by a constant (it only rescales GLS).
+
+Surprising things:
+- Both geometric strategies are computed in log space, exp(mean_i log L_i), since a product of
+  many small losses underflows. Each L_i is first clamped below at LOSS_FLOOR = 1e-8: log(0) is
+  -inf and dGLS/dL_i = GLS / (n L_i) grows without bound as L_i -> 0, so a solved task (a loss
+  of exactly 0, or 1e-30) would otherwise give NaN or inf in the loss or its gradients. Below
+  the floor the task gets zero gradient, which is what a solved task should get.
+- FLS when no focused task is in this step's losses is just GLS. Only the focused tasks present
+  in `losses` count towards the second factor, so with the sequential sampler (one task per
+  step) an SST step gets L_sst, and a PARA step with focus=('para',) gets L_para * L_para.
+"""
+import torch
+import torch.nn.functional as F
+
+LOSS_FLOOR = 1e-8   # each task loss is clamped to at least this before its log (see above)
+STS_MAX_SCORE = 5.0  # STS gold scores run from 0 to 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Task losses
+
+def cross_entropy_loss(logits, labels):
+    """Mean cross-entropy for SST (5 classes) and CFIMDB (2 classes).
+    logits: (batch, n_classes) float; labels: (batch,) int64 class indices."""
+    return F.cross_entropy(logits, labels)
+
+
+def binary_cross_entropy_loss(logit, labels):
+    """Mean binary cross-entropy for PARA, from one logit per sentence pair.
+
+    logit: (batch,) or (batch, 1); labels: (batch,) 0/1, int or float. Uses the with-logits form,
+    log(1 + exp(-z)) computed stably, rather than sigmoid followed by log, which gives -inf for a
+    confident wrong prediction."""
+    return F.binary_cross_entropy_with_logits(logit.reshape(-1), labels.reshape(-1).to(logit.dtype))
+
+
+def similarity_mse_loss(cosine, scores):
+    """Mean squared error between the cosine similarity of the two sentence embeddings and the
+    gold STS score scaled to [0, 1]:  L = mean_b (cos_b - score_b / 5)^2.
+
+    cosine: (batch,) in [-1, 1]; scores: (batch,) in [0, 5]. This is sentence-transformers'
+    CosineSimilarityLoss. The targets lie in [0, 1], so 5 * cosine is the predicted score (STS is
+    scored by Pearson correlation, which does not care about the scale anyway)."""
+    return F.mse_loss(cosine.reshape(-1), scores.reshape(-1).to(cosine.dtype) / STS_MAX_SCORE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Combining one step's task losses: each strategy takes {task_name: scalar loss tensor}
+
+def _stacked(losses):
+    """The task losses of one step as a 1-D tensor, in the dict's order."""
+    if not losses:
+        raise ValueError("no task losses to combine; the step must contain at least one task")
+    for task, loss in losses.items():
+        if loss.dim() != 0:
+            raise ValueError(f"loss for task {task!r} has shape {tuple(loss.shape)}, expected a "
+                             "scalar; reduce it with .mean() first")
+    return torch.stack(list(losses.values()))
+
+
+def _mean_log(task_losses):
+    """mean_i log max(L_i, LOSS_FLOOR): the log of the geometric mean, finite for any L_i >= 0."""
+    return task_losses.clamp(min=LOSS_FLOOR).log().mean()
+
+
+def sum_loss(losses):
+    """L = sum_i L_i  (eq. 1)."""
+    return _stacked(losses).sum()
+
+
+def geometric_mean_loss(losses):
+    """GLS: L = (prod_{i=1..n} L_i)^(1/n) = exp(mean_i log L_i)  (eq. 7). With one task, L = L_1."""
+    return torch.exp(_mean_log(_stacked(losses)))
+
+
+def focused_loss(losses, focus):
+    """FLS: L = (prod_{i=1..n} L_i)^(1/n) * (prod_{j in F} L_j)^(1/|F|)  (eq. 8).
+
+    F is the set of tasks in `focus` (a list/tuple of task names; a single name is also accepted)
+    that are present in this step's `losses`. If none is present, FLS is GLS."""
+    if isinstance(focus, str):
+        focus = (focus,)
+    log_loss = _mean_log(_stacked(losses))                             # log GLS, eq. 7
+    focused = {task: loss for task, loss in losses.items() if task in focus}
+    if focused:
+        log_loss = log_loss + _mean_log(_stacked(focused))             # + log GLS over F, eq. 8
+    return torch.exp(log_loss)
+
+
+def combine_losses(losses, strategy, focus=("para",)):
+    """One training loss from one step's task losses, by strategy 'sum', 'gls' or 'fls'."""
+    if strategy == "sum":
+        return sum_loss(losses)
+    if strategy == "gls":
+        return geometric_mean_loss(losses)
+    if strategy == "fls":
+        return focused_loss(losses, focus)
+    raise ValueError(f"unknown loss strategy {strategy!r}; use one of 'sum', 'gls', 'fls'")
