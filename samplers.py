@@ -26,8 +26,6 @@ a progress bar. The plan holds only batch handles (index lists), so it is small.
 
 Also here: length_bucketed_batches, the batching the data pipeline uses for each task.
 """
-import random
-
 SAMPLERS = ("sequential", "break", "roundrobin", "proportional")
 
 
