@@ -1,0 +1,244 @@
+"""The four tasks: reading their files, turning examples into batches, the heads that sit on
+the shared encoder, and the metrics that score them.
+
+| task   | data (CS224N layout)    | input                        | head                              | metric    |
+| ------ | ----------------------- | ---------------------------- | --------------------------------- | --------- |
+| sst    | ids-sst-{split}.csv     | one sentence                 | dropout + linear, 5 classes       | accuracy  |
+| para   | quora-{split}.csv       | the pair, encoded jointly    | dropout + linear, one logit       | accuracy  |
+| sts    | sts-{split}.csv         | each sentence on its own     | cosine of mean-pooled embeddings  | Pearson r |
+| cfimdb | ids-cfimdb-{split}.csv  | one review                   | dropout + linear, 2 classes       | accuracy  |
+
+Why these heads:
+- SST and CFIMDB classify one text: BERT's pooled [CLS] vector (tanh(W h_CLS)) is the
+  representation the model was built to expose for that.
+- PARA is a cross-encoder: `[CLS] q1 [SEP] q2 [SEP]` lets every token of one question attend
+  to every token of the other, which judges "same question?" far better than comparing two
+  separate embeddings (Reimers & Gurevych, 2019, Table 1, measure cross- vs bi-encoders).
+- STS is a bi-encoder: the cosine of the two sentences' mean-pooled token embeddings. The
+  default checkpoint (all-MiniLM-L6-v2) was trained for exactly this, so the head starts good.
+  The cosine lies in [-1, 1]; 5 * cosine, clipped to [0, 5], is the predicted score, and the
+  loss compares the cosine with score / 5 (losses.similarity_mse_loss).
+
+The study's overall dev score is mean(SST acc, PARA acc, (STS r + 1) / 2), over the tasks run.
+"""
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class DataError(ValueError):
+    """A data file that cannot be used; the message names the file (and line) in one line."""
+
+
+TASKS = ("sst", "para", "sts", "cfimdb")
+FILE_PATTERNS = {"sst": "ids-sst-{}.csv", "para": "quora-{}.csv", "sts": "sts-{}.csv", "cfimdb": "ids-cfimdb-{}.csv"}
+SPLITS = ("train", "dev", "test-student")
+PAIR_TASKS = ("para", "sts")
+LABEL_COLUMNS = {"sst": "sentiment", "para": "is_duplicate", "sts": "similarity", "cfimdb": "sentiment"}
+# Column names of the CS224N leaderboard files, spelling included ("Similiary").
+PREDICTION_COLUMNS = {"sst": "Predicted_Sentiment", "para": "Predicted_Is_Paraphrase",
+                      "sts": "Predicted_Similiary", "cfimdb": "Predicted_Sentiment"}
+
+
+# ----------------------------------------------------------------------------- reading files
+
+@dataclass
+class Example:
+    id: str
+    text: str
+    pair: str | None  # the second sentence of PARA and STS
+    label: float | int | None  # None in the test files
+
+
+def parse_label(task, raw):
+    """The label as the task uses it, or ValueError with what was wrong."""
+    if task == "sts":
+        value = float(raw)
+        if not 0.0 <= value <= 5.0:
+            raise ValueError(f"similarity {raw!r} is outside 0..5")
+        return value
+    value = float(raw)
+    if value != int(value):
+        raise ValueError(f"label {raw!r} is not a whole number")
+    n_classes = 5 if task == "sst" else 2
+    if not 0 <= int(value) < n_classes:
+        raise ValueError(f"label {raw!r} is outside 0..{n_classes - 1}")
+    return int(value)
+
+
+def data_path(data_dir, task, split):
+    return Path(data_dir) / FILE_PATTERNS[task].format(split)
+
+
+def read_examples(data_dir, task, split, report=print):
+    """Read one split of one task. Test files have no labels (label None).
+
+    A training row with an empty label is skipped, counted and reported; anything else that
+    is malformed (missing columns, wrong field count, bad label, empty sentence) is an error."""
+    path = data_path(data_dir, task, split)
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found (point --data_dir at the folder holding the task files)")
+    text_columns = ["sentence1", "sentence2"] if task in PAIR_TASKS else ["sentence"]
+    label_column = None if split == "test-student" else LABEL_COLUMNS[task]
+    wanted = ["id"] + text_columns + ([label_column] if label_column else [])
+    examples, skipped = [], 0
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        missing = [c for c in wanted if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {', '.join(missing)} in the header")
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            if None in row or any(v is None for v in row.values()):
+                raise DataError(f"{where}: expected {len(reader.fieldnames)} tab-separated fields")
+            texts = [row[c] for c in text_columns]
+            if any(not t.strip() for t in texts):
+                raise DataError(f"{where}: empty sentence")
+            label = None
+            if label_column:
+                raw = row[label_column].strip()
+                if raw == "" and split == "train":
+                    skipped += 1
+                    continue
+                try:
+                    label = parse_label(task, raw)
+                except ValueError as e:
+                    raise DataError(f"{where}: {e}") from None
+            examples.append(Example(row["id"], texts[0], texts[1] if len(texts) > 1 else None, label))
+    if skipped:
+        report(f"{path}: skipped {skipped} row(s) with an empty label")
+    if not examples:
+        raise DataError(f"{path}: no examples")
+    return examples
+
+
+# ----------------------------------------------------------------------------- token ids and batches
+
+class TaskData:
+    """One split of one task, tokenised once up front; batches are padded to their own longest.
+
+    sst/cfimdb keep one id sequence per example, para one joint pair sequence, sts two."""
+
+    def __init__(self, task, examples, tokenizer, max_length):
+        self.task, self.examples = task, examples
+        self.pad_id = tokenizer.pad_token_id
+        if task == "sts":
+            self.encodings = [[tokenizer.encode_with_types(e.text, max_length=max_length) for e in examples],
+                              [tokenizer.encode_with_types(e.pair, max_length=max_length) for e in examples]]
+        else:
+            self.encodings = [[tokenizer.encode_with_types(e.text, e.pair, max_length=max_length) for e in examples]]
+        # the cost of an example is its longest sequence: what batches are bucketed by
+        self.lengths = [max(len(enc[i][0]) for enc in self.encodings) for i in range(len(examples))]
+        self.labels = [e.label for e in examples]
+
+    def __len__(self):
+        return len(self.examples)
+
+    def pad(self, encodings):
+        longest = max(len(ids) for ids, _ in encodings)
+        input_ids = torch.full((len(encodings), longest), self.pad_id, dtype=torch.long)
+        token_type_ids = torch.zeros((len(encodings), longest), dtype=torch.long)
+        attention_mask = torch.zeros((len(encodings), longest), dtype=torch.long)
+        for row, (ids, types) in enumerate(encodings):
+            input_ids[row, :len(ids)] = torch.tensor(ids)
+            token_type_ids[row, :len(types)] = torch.tensor(types)
+            attention_mask[row, :len(ids)] = 1
+        return {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
+
+    def batch(self, indices):
+        """{'inputs': [padded encoder inputs, one per sentence], 'labels': tensor or None}."""
+        inputs = [self.pad([enc[i] for i in indices]) for enc in self.encodings]
+        labels = None
+        if self.labels[indices[0]] is not None:
+            dtype = torch.float if self.task in ("sts", "para") else torch.long
+            labels = torch.tensor([self.labels[i] for i in indices], dtype=dtype)
+        return {"inputs": inputs, "labels": labels}
+
+    def ordered_batches(self, batch_size):
+        """Index batches for evaluation: sorted by length (little padding), order restored later."""
+        order = sorted(range(len(self)), key=self.lengths.__getitem__)
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def move_batch(batch, device):
+    """Copy a batch to the device (asynchronously from pinned memory on CUDA)."""
+    if device.type != "cuda":
+        return batch
+    move = lambda t: t.pin_memory().to(device, non_blocking=True)
+    return {"inputs": [{k: move(v) for k, v in enc.items()} for enc in batch["inputs"]],
+            "labels": None if batch["labels"] is None else move(batch["labels"])}
+
+
+# ----------------------------------------------------------------------------- heads
+
+def mean_pool(hidden, attention_mask):
+    """Average of the real (non-padding) token vectors: the sentence embedding of SBERT."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+class MultitaskBert(nn.Module):
+    """One shared encoder and a small head per task. forward(task, inputs) -> the head's output:
+    logits (sst, cfimdb: (B, classes); para: (B,)) or a cosine similarity (sts: (B,))."""
+
+    def __init__(self, encoder, tasks, dropout):
+        super().__init__()
+        self.encoder = encoder
+        hidden = encoder.config.hidden_size
+        self.dropout = nn.Dropout(dropout)
+        self.heads = nn.ModuleDict()
+        if "sst" in tasks:
+            self.heads["sst"] = nn.Linear(hidden, 5)
+        if "para" in tasks:
+            self.heads["para"] = nn.Linear(hidden, 1)
+        if "cfimdb" in tasks:
+            self.heads["cfimdb"] = nn.Linear(hidden, 2)
+
+    def forward(self, task, inputs, embeds=None):
+        """`embeds` optionally replaces the word embeddings of each input (SMART perturbs them)."""
+        # with inputs_embeds given, the encoder uses them in place of the ids' word embeddings
+        outputs = [self.encoder(**enc, inputs_embeds=None if embeds is None else embeds[k])
+                   for k, enc in enumerate(inputs)]
+        if task == "sts":
+            a, b = (mean_pool(out["last_hidden_state"], enc["attention_mask"]) for out, enc in zip(outputs, inputs))
+            return F.cosine_similarity(a, b, dim=-1)
+        logits = self.heads[task](self.dropout(outputs[0]["pooler_output"]))
+        return logits.squeeze(-1) if task == "para" else logits
+
+
+def predictions_from_outputs(task, outputs):
+    """Head outputs -> what the leaderboard files hold: a class, 0/1, or a score in 0..5."""
+    if task == "sts":
+        return (5.0 * outputs).clamp(0.0, 5.0)
+    if task == "para":
+        return (outputs > 0).long()
+    return outputs.argmax(dim=-1)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def accuracy(predicted, gold):
+    return sum(int(p == g) for p, g in zip(predicted, gold)) / len(gold)
+
+
+def pearson_r(x, y):
+    """Pearson correlation, in float64 (a constant prediction has no correlation: 0)."""
+    x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
+    x, y = x - x.mean(), y - y.mean()
+    denominator = math.sqrt(float((x * x).sum()) * float((y * y).sum()))
+    return float((x * y).sum()) / denominator if denominator > 0 else 0.0
+
+
+def task_score(task, predicted, gold):
+    return pearson_r(predicted, gold) if task == "sts" else accuracy(predicted, gold)
+
+
+def overall_score(scores):
+    """The study's overall dev score: mean of accuracies and (r + 1) / 2 for STS."""
+    parts = [(s + 1) / 2 if task == "sts" else s for task, s in scores.items()]
+    return sum(parts) / len(parts)

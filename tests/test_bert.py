@@ -1,0 +1,205 @@
+"""Specification of bert.py: the hand-written encoder equals transformers.BertModel on the real
+checkpoint and real batches, in outputs and in gradients, and the loader takes every naming
+variant of released BERT checkpoints while refusing broken ones."""
+import csv
+import json
+import shutil
+import struct
+
+import pytest
+import torch
+import transformers
+
+from bert import BertConfig, BertModel, CheckpointError, map_checkpoint_names, read_safetensors
+from tokenizer import BertTokenizer
+
+
+def read_column(path, *columns, n=16):
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))[:n]
+    return [[row[c] for row in rows] for c in columns]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(checkpoint_dir):
+    return BertTokenizer.from_pretrained(checkpoint_dir)
+
+
+@pytest.fixture(scope="module")
+def real_batches(data_dir, tokenizer):
+    """Padded batches as the training pipeline builds them: single sentences and pairs."""
+    (sst,) = read_column(data_dir / "ids-sst-dev.csv", "sentence")
+    q1, q2 = read_column(data_dir / "quora-dev.csv", "sentence1", "sentence2")
+    s1, s2 = read_column(data_dir / "sts-dev.csv", "sentence1", "sentence2")
+    return {"sst single": tokenizer(sst), "quora pairs": tokenizer(q1, q2), "sts single": tokenizer(s1)}
+
+
+@pytest.fixture(scope="module")
+def ours(checkpoint_dir):
+    return BertModel.from_pretrained(checkpoint_dir).eval()
+
+
+@pytest.fixture(scope="module", params=["eager", "sdpa"])
+def reference(request, checkpoint_dir):
+    return transformers.BertModel.from_pretrained(str(checkpoint_dir), attn_implementation=request.param).eval()
+
+
+@pytest.mark.parametrize("attention", ["manual", "sdpa"])
+def test_outputs_match_transformers_on_real_batches(ours, reference, real_batches, attention):
+    for layer in ours.layers:
+        layer.attention.use_sdpa = attention == "sdpa"
+    for name, batch in real_batches.items():
+        assert (batch["attention_mask"] == 0).any(), f"{name}: the batch should contain padding"
+        with torch.no_grad():
+            got = ours(**batch)
+            want = reference(**batch)
+        mask = batch["attention_mask"].bool()
+        # padded positions carry no meaning, but both models compute them; compare real tokens
+        torch.testing.assert_close(got["last_hidden_state"][mask], want.last_hidden_state[mask], rtol=0, atol=1e-5)
+        torch.testing.assert_close(got["pooler_output"], want.pooler_output, rtol=0, atol=1e-5)
+    for layer in ours.layers:
+        layer.attention.use_sdpa = True
+
+
+def test_gradients_match_transformers_for_every_parameter(checkpoint_dir, real_batches):
+    ours = BertModel.from_pretrained(checkpoint_dir, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    reference = transformers.BertModel.from_pretrained(
+        str(checkpoint_dir), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="eager")
+    ours.train(), reference.train()
+    batch = real_batches["quora pairs"]
+    mask = batch["attention_mask"].unsqueeze(-1)
+
+    def scalar_loss(out_hidden, out_pooled):
+        # touches every parameter: pooled output and a masked mean of the hidden states
+        return (out_pooled ** 2).sum() + ((out_hidden * mask).sum(1) / mask.sum(1)).pow(2).sum()
+
+    got = ours(**batch)
+    scalar_loss(got["last_hidden_state"], got["pooler_output"]).backward()
+    want = reference(**batch)
+    scalar_loss(want.last_hidden_state, want.pooler_output).backward()
+
+    reference_grads, _ = map_checkpoint_names({n: p.grad for n, p in reference.named_parameters()})
+    for name, p in ours.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        want = reference_grads[name]
+        # relative to the gradient's own scale: float32 sums in a different order differ by
+        # ~1e-6 of the largest entry, which is a large *elementwise* ratio for entries near zero
+        relative_error = (p.grad - want).norm() / want.norm()
+        assert relative_error < 1e-4, f"{name}: relative error {relative_error:.2e}"
+        torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-4 * want.abs().max().item(), msg=name)
+
+
+def test_manual_attention_equals_sdpa_in_outputs_and_gradients(checkpoint_dir, real_batches):
+    batch = real_batches["sst single"]
+    grads = {}
+    for attention in ("manual", "sdpa"):
+        torch.manual_seed(0)
+        model = BertModel.from_pretrained(checkpoint_dir, attention=attention, hidden_dropout_prob=0.0,
+                                          attention_probs_dropout_prob=0.0)
+        out = model(**batch)
+        out["pooler_output"].sum().backward()
+        grads[attention] = {n: p.grad for n, p in model.named_parameters()}
+        grads[attention]["_out"] = out["last_hidden_state"].detach()
+    for name in grads["sdpa"]:
+        torch.testing.assert_close(grads["manual"][name], grads["sdpa"][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_inputs_embeds_is_the_word_embedding_path(ours, real_batches):
+    batch = real_batches["quora pairs"]
+    with torch.no_grad():
+        by_ids = ours(**batch)
+        by_embeds = ours(inputs_embeds=ours.word_embeddings(batch["input_ids"]),
+                         attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"])
+    torch.testing.assert_close(by_ids["last_hidden_state"], by_embeds["last_hidden_state"], rtol=0, atol=0)
+
+
+def test_config_is_read_from_the_checkpoint(checkpoint_dir):
+    config = BertConfig.from_json(checkpoint_dir / "config.json")
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (6, 384, 12)
+    assert config.vocab_size == 30522 and config.intermediate_size == 1536
+
+
+# ----------------------------------------------------------------------------- loading variants
+
+def save_bert_base_layout(checkpoint_dir, folder):
+    """Re-save the MiniLM weights the way bert-base-uncased ships: pytorch_model.bin, `bert.`
+    prefixes, TensorFlow-era gamma/beta LayerNorm names, and pre-training heads under `cls.`."""
+    state = read_safetensors(checkpoint_dir / "model.safetensors")
+    old_style = {}
+    for name, tensor in state.items():
+        name = "bert." + name
+        if "LayerNorm.weight" in name:
+            name = name.replace("LayerNorm.weight", "LayerNorm.gamma")
+        if "LayerNorm.bias" in name:
+            name = name.replace("LayerNorm.bias", "LayerNorm.beta")
+        old_style[name] = tensor
+    old_style["cls.predictions.bias"] = torch.zeros(30522)
+    old_style["cls.predictions.transform.dense.weight"] = torch.zeros(384, 384)
+    old_style["cls.seq_relationship.weight"] = torch.zeros(2, 384)
+    folder.mkdir()
+    torch.save(old_style, folder / "pytorch_model.bin")
+    shutil.copy(checkpoint_dir / "config.json", folder / "config.json")
+    return folder
+
+
+def test_bert_base_layout_bin_loads_to_the_same_model(checkpoint_dir, ours, tmp_path, real_batches):
+    folder = save_bert_base_layout(checkpoint_dir, tmp_path / "bert-base-layout")
+    model = BertModel.from_pretrained(folder).eval()
+    assert sorted(model.ignored_keys) == ["cls.predictions.bias", "cls.predictions.transform.dense.weight",
+                                          "cls.seq_relationship.weight"]
+    for (name, a), (_, b) in zip(model.state_dict().items(), ours.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_missing_weight_is_an_error_naming_the_key(checkpoint_dir, tmp_path):
+    state = read_safetensors(checkpoint_dir / "model.safetensors")
+    del state["encoder.layer.3.intermediate.dense.bias"]
+    folder = tmp_path / "missing"
+    folder.mkdir()
+    torch.save(state, folder / "pytorch_model.bin")
+    shutil.copy(checkpoint_dir / "config.json", folder / "config.json")
+    with pytest.raises(CheckpointError, match=r"layers\.3\.ffn_in\.bias.*missing"):
+        BertModel.from_pretrained(folder)
+
+
+def test_weight_that_disagrees_with_config_is_an_error(checkpoint_dir, tmp_path):
+    folder = tmp_path / "wrong-config"
+    folder.mkdir()
+    shutil.copy(checkpoint_dir / "model.safetensors", folder / "model.safetensors")
+    config = json.loads((checkpoint_dir / "config.json").read_text())
+    config["intermediate_size"] = 3072
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"ffn_in\.weight.*shape \(1536, 384\).*\(3072, 384\)"):
+        BertModel.from_pretrained(folder)
+
+
+def write_safetensors(path, header, body):
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
+
+
+@pytest.mark.parametrize("header, body, complaint", [
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, None),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 16]}}, b"\0" * 8, "outside the file"),
+    ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, "need 12"),
+    ({"a": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "unknown dtype"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8, "overlap"),
+    ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, "invalid shape"),
+    ({"a": {"dtype": "F32", "shape": [2]}}, b"\0" * 8, "lacks"),
+])
+def test_safetensors_header_is_validated(tmp_path, header, body, complaint):
+    path = tmp_path / "x.safetensors"
+    write_safetensors(path, header, body)
+    if complaint is None:
+        assert read_safetensors(path)["a"].tolist() == [0.0, 0.0]
+    else:
+        with pytest.raises(CheckpointError, match=complaint):
+            read_safetensors(path)
+
+
+def test_safetensors_header_length_past_the_end_is_an_error(tmp_path):
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", 10_000) + b"{}")
+    with pytest.raises(CheckpointError, match="runs past the end"):
+        read_safetensors(path)
