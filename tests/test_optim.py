@@ -1,0 +1,272 @@
+"""Specification of optim.py: hand-written AdamW and AdaBelief take the same steps as
+torch.optim.AdamW and adabelief-pytorch 0.2.1 while training a small real network (a 2-layer
+BertModel on real SST token ids), resume exactly from a saved state, and clip_grad_norm equals
+torch.nn.utils.clip_grad_norm_ but refuses NaN/inf gradients."""
+import contextlib
+import io
+
+import adabelief_pytorch
+import pytest
+import torch
+
+from bert import BertConfig, BertModel
+from optim import AdaBelief, AdamW, NonFiniteGradientError, clip_grad_norm
+
+STEPS = 200
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: a second thread costs more than it saves (10x on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# A small real network on real token ids
+
+@pytest.fixture(scope="module")
+def sst_batch(data_dir, checkpoint_dir):
+    """The first 4 SST training sentences as [CLS] words [SEP], padded to 16 tokens. Whole words
+    are looked up in the checkpoint's vocab.txt ([UNK] otherwise): real ids, no tokenizer needed."""
+    vocab = {word: i for i, word in enumerate(
+        (checkpoint_dir / "vocab.txt").read_text(encoding="utf-8").splitlines())}
+    rows = (data_dir / "ids-sst-train.csv").read_text(encoding="utf-8").splitlines()[1:5]
+    ids = torch.zeros(4, 16, dtype=torch.long)  # [PAD] is 0
+    for i, row in enumerate(rows):
+        words = row.split("\t")[2].lower().split()[:14]
+        tokens = ["[CLS]"] + [w if w in vocab else "[UNK]" for w in words] + ["[SEP]"]
+        ids[i, :len(tokens)] = torch.tensor([vocab[t] for t in tokens])
+    return ids, (ids != 0).long()
+
+
+@pytest.fixture(scope="module")
+def initial_weights():
+    torch.manual_seed(0)
+    return tiny_bert().state_dict()
+
+
+def tiny_bert(weights=None):
+    """The real vocabulary, everything else tiny; no dropout, so every run is deterministic."""
+    model = BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    if weights is not None:
+        model.load_state_dict(weights)
+    return model
+
+
+def loss_fn(model, batch):
+    """Pull the pooled [CLS] vector towards a fixed target: gradients reach every parameter."""
+    ids, mask = batch
+    target = torch.linspace(-0.5, 0.5, 4 * 32).view(4, 32)
+    return ((model(ids, mask)["pooler_output"] - target) ** 2).mean()
+
+
+def train(model, optimizer, batch, steps=STEPS):
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss_fn(model, batch).backward()
+        optimizer.step()
+
+
+def reference_adabelief(params, **kwargs):
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its change log and flags
+        return adabelief_pytorch.AdaBelief(params, print_change_log=False, **kwargs)
+
+
+def assert_same_weights(ours, reference):
+    for (name, a), b in zip(ours.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9, msg=lambda m: f"{name}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# AdamW
+
+@pytest.mark.parametrize("torch_options", [{}, {"foreach": False}, {"foreach": True}],
+                         ids=["default", "foreach=False", "foreach=True"])
+def test_adamw_matches_torch_adamw_after_200_steps(sst_batch, initial_weights, torch_options):
+    # (Today the runs are bit-identical: the same operations in the same order.)
+    hyper = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    ours, reference = tiny_bert(initial_weights), tiny_bert(initial_weights)
+    train(ours, AdamW(ours.parameters(), **hyper), sst_batch)
+    train(reference, torch.optim.AdamW(reference.parameters(), **hyper, **torch_options), sst_batch)
+    assert_same_weights(ours, reference)
+    assert not torch.equal(ours.pooler.weight, initial_weights["pooler.weight"])
+
+
+def test_adamw_first_step_moves_each_weight_by_lr_against_its_gradient_sign():
+    # m̂_1 = g and v̂_1 = g², so the first update is η g / (|g| + ε) ≈ η sign(g), whatever |g|.
+    theta = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5, 3.0]))
+    theta.grad = torch.tensor([0.3, -0.001, 2.0, -50.0])
+    AdamW([theta], lr=0.1, weight_decay=0.5).step()
+    decayed = torch.tensor([1.0, -2.0, 0.5, 3.0]) * (1 - 0.1 * 0.5)  # (1 - ηλ) θ
+    torch.testing.assert_close(theta.detach(), decayed - 0.1 * torch.tensor([1.0, -1.0, 1.0, -1.0]))
+
+
+def test_parameters_without_gradient_are_skipped_like_torch(sst_batch, initial_weights):
+    # The pooler gets no gradient on every third step: its step count (and so its bias
+    # correction) falls behind the other parameters', exactly as in torch.
+    def train_with_gaps(model, optimizer):
+        for step in range(60):
+            optimizer.zero_grad()
+            loss_fn(model, sst_batch).backward()
+            if step % 3 == 0:
+                model.pooler.weight.grad = None
+            optimizer.step()
+
+    ours, reference = tiny_bert(initial_weights), tiny_bert(initial_weights)
+    optimizer = AdamW(ours.parameters(), lr=1e-3)
+    train_with_gaps(ours, optimizer)
+    train_with_gaps(reference, torch.optim.AdamW(reference.parameters(), lr=1e-3))
+    assert_same_weights(ours, reference)
+    assert optimizer.state[ours.pooler.weight]["step"] == 40
+    assert optimizer.state[ours.pooler.bias]["step"] == 60
+
+
+# ---------------------------------------------------------------------------------------------
+# AdaBelief
+
+@pytest.mark.parametrize("flags", [
+    dict(rectify=False, weight_decay=0.0),
+    dict(rectify=False, weight_decay=0.01),
+    dict(rectify=True, weight_decay=0.0),
+    dict(rectify=True, weight_decay=0.01),
+    dict(rectify=False, amsgrad=True),
+    dict(rectify=True, amsgrad=True),
+    dict(rectify=False, weight_decay=0.01, weight_decouple=False),
+    dict(rectify=False, eps=1e-8),  # the recommended eps for some tasks, large enough that
+    dict(rectify=True, eps=1e-8),   # where ε enters (stored in s_t, and outside the root) shows
+], ids=lambda flags: ",".join(f"{k}={v}" for k, v in flags.items()))
+def test_adabelief_matches_adabelief_pytorch_after_200_steps(sst_batch, initial_weights, flags):
+    ours, reference = tiny_bert(initial_weights), tiny_bert(initial_weights)
+    train(ours, AdaBelief(ours.parameters(), lr=1e-3, **flags), sst_batch)
+    train(reference, reference_adabelief(reference.parameters(), lr=1e-3, **flags), sst_batch)
+    assert_same_weights(ours, reference)
+    assert not torch.equal(ours.pooler.weight, initial_weights["pooler.weight"])
+
+
+def test_adabelief_steps_further_than_adam_when_the_gradient_is_consistent():
+    # With a constant gradient g, m_t = (1 - β1^t) g, so the surprise g - m_t = β1^t g dies out and
+    # ŝ_t falls far below g². Adam's v̂_t is g² exactly, so its step stays η m̂_t / √v̂_t = η;
+    # AdaBelief's grows to η g / √ŝ_t (≈ 3.5η at t = 50).
+    beta1, beta2, eps, g, lr = 0.9, 0.999, 1e-16, 2.0, 1e-3
+    adam_theta, belief_theta = (torch.nn.Parameter(torch.zeros(1, dtype=torch.float64)) for _ in range(2))
+    adam = AdamW([adam_theta], lr=lr, betas=(beta1, beta2), weight_decay=0.0)
+    belief = AdaBelief([belief_theta], lr=lr, betas=(beta1, beta2), eps=eps, rectify=False)
+    s = 0.0
+    for t in range(1, 51):
+        adam_theta.grad = torch.tensor([g], dtype=torch.float64)
+        belief_theta.grad = torch.tensor([g], dtype=torch.float64)
+        adam_before, belief_before = adam_theta.item(), belief_theta.item()
+        adam.step()
+        belief.step()
+        s = beta2 * s + (1 - beta2) * (beta1 ** t * g) ** 2 + eps  # s_t = β2 s_{t-1} + (1-β2)(g - m_t)² + ε
+    assert belief.state[belief_theta]["exp_avg_var"].item() == pytest.approx(s, rel=1e-12)
+    assert s / (1 - beta2 ** 50) < g ** 2 / 10
+    assert adam_before - adam_theta.item() == pytest.approx(lr, rel=1e-6)
+    assert belief_before - belief_theta.item() > 3 * lr
+
+
+def test_rectified_adabelief_takes_sgd_momentum_steps_while_variance_is_unreliable():
+    # ρ_t < 5 for t ≤ 5 at β2 = 0.999: θ_t = θ_{t-1} - η m̂_t, and m̂_t = g for a constant g.
+    theta = torch.nn.Parameter(torch.tensor([1.0, -1.0], dtype=torch.float64))
+    optimizer = AdaBelief([theta], lr=0.01, rectify=True)
+    g = torch.tensor([0.5, -3.0], dtype=torch.float64)
+    for t in range(1, 7):
+        before = theta.detach().clone()
+        theta.grad = g.clone()
+        optimizer.step()
+        if t <= 5:
+            torch.testing.assert_close(theta.detach(), before - 0.01 * g)
+        else:  # step 6 is the first rectified, adaptive step
+            assert not torch.allclose(theta.detach(), before - 0.01 * g)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming from a saved optimizer state
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda params: AdamW(params, lr=1e-3),
+    lambda params: AdaBelief(params, lr=1e-3, weight_decay=0.01, amsgrad=True),
+], ids=["AdamW", "AdaBelief"])
+@pytest.mark.parametrize("through_file", [False, True], ids=["state_dict", "torch.save"])
+def test_restored_optimizer_continues_bit_for_bit(sst_batch, initial_weights, make_optimizer, through_file):
+    uninterrupted = tiny_bert(initial_weights)
+    train(uninterrupted, make_optimizer(uninterrupted.parameters()), sst_batch, steps=100)
+
+    first_half = tiny_bert(initial_weights)
+    optimizer = make_optimizer(first_half.parameters())
+    train(first_half, optimizer, sst_batch, steps=50)
+    checkpoint = {"model": first_half.state_dict(), "optimizer": optimizer.state_dict()}
+    if through_file:
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        buffer.seek(0)
+        checkpoint = torch.load(buffer, weights_only=True)
+
+    resumed = tiny_bert(checkpoint["model"])
+    optimizer = make_optimizer(resumed.parameters())
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    train(resumed, optimizer, sst_batch, steps=50)
+    for (name, a), b in zip(resumed.named_parameters(), uninterrupted.parameters()):
+        assert torch.equal(a, b), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient clipping
+
+def parameters_with_gradients(generator_seed=0):
+    """Four parameters of different shapes; the third has no gradient (e.g. an unused head)."""
+    generator = torch.Generator().manual_seed(generator_seed)
+    params = [torch.nn.Parameter(torch.zeros(shape)) for shape in [(3, 4), (5,), (2, 2), (7, 3)]]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator)
+    params[2].grad = None
+    return params
+
+
+@pytest.mark.parametrize("max_norm", [1.0, 100.0], ids=["above_max_norm", "below_max_norm"])
+def test_clip_grad_norm_matches_torch(max_norm):
+    ours, reference = parameters_with_gradients(), parameters_with_gradients()
+    total = clip_grad_norm(ours, max_norm)
+    torch.testing.assert_close(total, torch.nn.utils.clip_grad_norm_(reference, max_norm))
+    for a, b in zip(ours, reference):
+        assert (a.grad is None) == (b.grad is None)
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad)
+    # the norm is that of all gradients concatenated into one vector
+    unclipped = parameters_with_gradients()
+    concatenated = torch.cat([p.grad.flatten() for p in unclipped if p.grad is not None])
+    torch.testing.assert_close(total, concatenated.norm())
+    # after clipping the joint norm is min(‖g‖, max_norm)
+    clipped_norm = torch.cat([p.grad.flatten() for p in ours if p.grad is not None]).norm()
+    torch.testing.assert_close(clipped_norm.item(), min(total.item(), max_norm), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_gradient_raises_and_leaves_gradients_untouched(bad_value):
+    params = parameters_with_gradients()
+    params[3].grad[1, 2] = bad_value
+    before = [p.grad.clone() for p in params if p.grad is not None]
+    with pytest.raises(NonFiniteGradientError, match="gradient norm is"):
+        clip_grad_norm(params, 1.0)
+    for a, b in zip([p.grad for p in params if p.grad is not None], before):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def test_clip_grad_norm_without_gradients_returns_zero():
+    assert clip_grad_norm([torch.nn.Parameter(torch.ones(3))], 1.0).item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+
+@pytest.mark.parametrize("optimizer", [AdamW, AdaBelief])
+@pytest.mark.parametrize("bad", [dict(lr=-1.0), dict(betas=(0.9, 1.0)), dict(eps=-1e-8), dict(weight_decay=-0.1)],
+                         ids=["lr", "betas", "eps", "weight_decay"])
+def test_bad_hyperparameters_are_refused(optimizer, bad):
+    with pytest.raises(ValueError, match=list(bad)[0]):
+        optimizer([torch.nn.Parameter(torch.ones(2))], **bad)
