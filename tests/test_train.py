@@ -1,0 +1,77 @@
+"""Specification of train.py, end to end on a slice of the real data with the real checkpoint:
+the loss falls, every sampler and loss strategy runs, and the leaderboard files are complete."""
+import json
+
+import pytest
+
+import tasks
+import train
+
+
+def run(tmp_path, data_dir, *flags, name="run"):
+    out_dir = tmp_path / name
+    argv = ["--data_dir", str(data_dir), "--out_dir", str(out_dir), "--device", "cpu", *flags]
+    scores = train.main(argv)
+    return out_dir, scores
+
+
+def read_metrics(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def check_prediction_file(path, task, expected_ids):
+    lines = path.read_text(encoding="utf-8").split("\n")
+    assert lines[0] == f"id \t {tasks.PREDICTION_COLUMNS[task]} "
+    assert lines[-1] == ""
+    rows = [line.split(" , ") for line in lines[1:-1]]
+    assert [r[0] for r in rows] == expected_ids
+    for _, value in rows:
+        assert value.endswith(" ")
+        if task == "sts":
+            assert 0.0 <= float(value) <= 5.0
+        else:
+            assert int(value) in range(5 if task == "sst" else 2)
+
+
+def test_multitask_run_lowers_the_loss_and_writes_complete_predictions(tmp_path, data_dir):
+    out_dir, scores = run(tmp_path, data_dir, "--limit", "48", "--eval_limit", "40", "--epochs", "3",
+                          "--lr", "1e-4", "--loss", "gls", "--sampler", "roundrobin", "--hidden_dropout_prob", "0.1")
+    metrics = read_metrics(out_dir)
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
+    assert set(scores) == {"sst", "para", "sts"}
+    assert (out_dir / "best.pt").is_file() and (out_dir / "last.pt").is_file()
+    for task in ("sst", "para", "sts"):
+        for split in ("dev", "test-student"):
+            ids = [e.id for e in tasks.read_examples(data_dir, task, split)[:40]]
+            name = "test" if split == "test-student" else "dev"
+            check_prediction_file(out_dir / "predictions" / f"{task}-{name}-output.csv", task, ids)
+
+
+@pytest.mark.parametrize("sampler", ["sequential", "break", "roundrobin", "proportional"])
+@pytest.mark.parametrize("loss", ["sum", "gls", "fls"])
+def test_every_sampler_and_loss_strategy_trains(tmp_path, data_dir, sampler, loss):
+    out_dir, scores = run(tmp_path, data_dir, "--limit", "16", "--eval_limit", "16", "--epochs", "1",
+                          "--lr", "1e-4", "--loss", loss, "--sampler", sampler)
+    (record,) = read_metrics(out_dir)
+    assert record["skipped_steps"] == 0
+    assert 0 < record["train_loss"] < 10
+    assert set(scores) == {"sst", "para", "sts"}
+
+
+def test_single_task_pretrain_only_trains_the_head(tmp_path, data_dir):
+    import torch
+    out_dir, _ = run(tmp_path, data_dir, "--option", "pretrain", "--tasks", "cfimdb", "--limit", "16",
+                     "--eval_limit", "8", "--epochs", "1", "--max_length", "64")
+    from bert import BertModel, default_checkpoint_path
+    state = torch.load(out_dir / "best.pt", weights_only=True)["model"]
+    original = BertModel.from_pretrained(default_checkpoint_path()).state_dict()
+    assert all(torch.equal(state["encoder." + k], v) for k, v in original.items())
+    assert sorted(k for k in state if k.startswith("heads.")) == ["heads.cfimdb.bias", "heads.cfimdb.weight"]
+
+
+def test_eval_only_reproduces_the_best_checkpoints_scores(tmp_path, data_dir):
+    flags = ["--tasks", "sst", "--limit", "16", "--eval_limit", "24", "--epochs", "1"]
+    out_dir, scores = run(tmp_path, data_dir, *flags)
+    _, again = run(tmp_path, data_dir, *flags, "--eval_only", "--checkpoint", str(out_dir / "best.pt"), name="eval")
+    assert again == scores
