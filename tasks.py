@@ -140,15 +140,15 @@ class TaskData:
         return len(self.examples)
 
     def pad(self, encodings):
+        """Padded to the longest: the rows are padded as Python lists, then each field becomes a
+        tensor in one torch.tensor call (a call per row costs more than the padding itself)."""
         longest = max(len(ids) for ids, _ in encodings)
-        input_ids = torch.full((len(encodings), longest), self.pad_id, dtype=torch.long)
-        token_type_ids = torch.zeros((len(encodings), longest), dtype=torch.long)
-        attention_mask = torch.zeros((len(encodings), longest), dtype=torch.long)
-        for row, (ids, types) in enumerate(encodings):
-            input_ids[row, :len(ids)] = torch.tensor(ids)
-            token_type_ids[row, :len(types)] = torch.tensor(types)
-            attention_mask[row, :len(ids)] = 1
-        return {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
+        padding = [longest - len(ids) for ids, _ in encodings]
+        return {
+            "input_ids": torch.tensor([ids + [self.pad_id] * p for (ids, _), p in zip(encodings, padding)]),
+            "token_type_ids": torch.tensor([types + [0] * p for (_, types), p in zip(encodings, padding)]),
+            "attention_mask": torch.tensor([[1] * len(ids) + [0] * p for (ids, _), p in zip(encodings, padding)]),
+        }
 
     def batch(self, indices):
         """{'inputs': [padded encoder inputs, one per sentence], 'labels': tensor or None}."""
