@@ -14,6 +14,14 @@ the chosen strategy (losses.py: sum, GLS, FLS), optionally with SMART's regulari
 then one backward pass, optional global-norm clipping and one optimizer step (optim.py).
 Every epoch evaluates on the dev sets, appends to <out_dir>/metrics.jsonl, keeps the best model
 by overall dev score and a resumable checkpoint; the end writes CS224N leaderboard files.
+
+Reliability. Input a user can get wrong (a missing or malformed data file, a damaged checkpoint,
+flags that contradict each other) is checked before anything is written, and ends the run with
+one line on stderr and exit status 2. A NaN or inf loss or gradient skips the step (counted in
+metrics.jsonl); MAX_BAD_STEPS_IN_A_ROW such steps stop the run. last.pt (weights, optimizer,
+position in the epoch's plan, RNG states, the run's flags) is replaced atomically at the end of
+every epoch and every --save_every steps; `--resume` continues from it and ends with the same
+weights, bit for bit on the same CPU, as a run that was never stopped.
 """
 import argparse
 import json
@@ -31,7 +39,7 @@ import losses
 import optim
 import samplers
 import tasks
-from bert import BertModel, CheckpointError, default_checkpoint_path
+from bert import BertConfig, BertModel, CheckpointError, default_checkpoint_path
 from tokenizer import BertTokenizer
 
 MAX_BAD_STEPS_IN_A_ROW = 20  # non-finite steps skipped in a row before the run is stopped
@@ -43,9 +51,15 @@ class RunError(RuntimeError):
 
 # ----------------------------------------------------------------------------- flags
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (not the whole usage block) and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (python train.py --help lists the flags)\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("what to train")
     g.add_argument("--option", choices=["pretrain", "finetune"], default="finetune",
                    help="pretrain: freeze the encoder, train only the heads; finetune: train everything")
@@ -99,10 +113,16 @@ def parse_args(argv=None):
         p.error("--tasks is empty")
     if len(set(args.tasks)) != len(args.tasks):
         p.error("--tasks names a task twice")
+    if args.loss == "fls" and not args.focus:
+        p.error("--loss fls needs at least one --focus task")
     if args.loss == "fls" and not set(args.focus) <= set(args.tasks):
         p.error(f"--focus {','.join(args.focus)} names a task not in --tasks {','.join(args.tasks)}")
     if args.lr is None:
         args.lr = 1e-3 if args.option == "pretrain" else 1e-5
+    for name in ("lr", "alpha", "weight_decay", "clip_grad", "hidden_dropout_prob", "smart_lambda", "smart_eps",
+                 "smart_sigma", "smart_step", "bregman_mu", "bregman_beta"):
+        if not math.isfinite(getattr(args, name)):
+            p.error(f"--{name} must be a finite number, got {getattr(args, name)}")
     if not args.lr > 0:
         p.error(f"--lr must be positive, got {args.lr}")
     for name in ("batch_size", "epochs", "max_length", "eval_batch_size"):
@@ -111,6 +131,8 @@ def parse_args(argv=None):
     for name in ("limit", "eval_limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
+    if args.max_length < 3:
+        p.error("--max_length must be at least 3 (room for [CLS] and two [SEP]s)")
     if args.max_length > 512:
         p.error("--max_length cannot exceed 512 (BERT's position embeddings)")
     if not 0 <= args.hidden_dropout_prob < 1:
@@ -119,8 +141,14 @@ def parse_args(argv=None):
         p.error("--weight_decay, --clip_grad and --save_every cannot be negative")
     if args.eval_only and not args.checkpoint:
         p.error("--eval_only needs --checkpoint PATH")
+    if args.checkpoint and not args.eval_only:
+        p.error("--checkpoint is only read with --eval_only (to continue a run, use --resume)")
+    if args.eval_only and args.resume:
+        p.error("--eval_only and --resume exclude each other")
     if args.smart and not (args.smart_steps >= 0 and args.smart_eps > 0 and 0 <= args.bregman_beta < 1):
         p.error("SMART needs --smart_steps >= 0, --smart_eps > 0 and 0 <= --bregman_beta < 1")
+    if args.smart and min(args.smart_lambda, args.bregman_mu, args.smart_sigma, args.smart_step) < 0:
+        p.error("SMART needs --smart_lambda, --bregman_mu, --smart_sigma and --smart_step >= 0")
     if args.out_dir is None:
         args.out_dir = str(Path("runs") / run_name(args))
     return args
@@ -145,10 +173,41 @@ def pick_device(choice):
     return torch.device(choice)
 
 
+def load_tokenizer(checkpoint_dir):
+    """The checkpoint folder's vocab.txt as a tokenizer, or CheckpointError."""
+    if not checkpoint_dir.is_dir():
+        raise CheckpointError(f"{checkpoint_dir}: checkpoint folder not found (--bert names a Hugging Face BERT folder)")
+    vocab_file = checkpoint_dir / "vocab.txt"
+    if not vocab_file.is_file():
+        raise CheckpointError(f"{vocab_file}: not found (a BERT checkpoint folder holds vocab.txt beside config.json)")
+    try:
+        return BertTokenizer.from_pretrained(vocab_file)
+    except ValueError as e:  # no special tokens, or not UTF-8
+        raise CheckpointError(f"{vocab_file}: {e}") from None
+
+
+def check_checkpoint_fits(args, tokenizer, checkpoint_dir):
+    """What config.json says must fit the vocab and the flags; checked before the weights are read."""
+    config = BertConfig.from_json(checkpoint_dir / "config.json")
+    n_ids = max(tokenizer.vocab.values()) + 1
+    if n_ids > config.vocab_size:
+        raise CheckpointError(f"{checkpoint_dir / 'vocab.txt'} has {n_ids} tokens but config.json only "
+                              f"{config.vocab_size} embeddings: the vocab belongs to another checkpoint")
+    if args.max_length > config.max_position_embeddings:
+        raise RunError(f"--max_length {args.max_length} exceeds the checkpoint's "
+                       f"{config.max_position_embeddings} position embeddings")
+    if "para" in args.tasks and config.type_vocab_size < 2:
+        raise RunError(f"{checkpoint_dir}: one token type only, but para encodes sentence pairs (types 0 and 1)")
+
+
 def load_split(args, tokenizer, task, split, limit, report):
     examples = tasks.read_examples(args.data_dir, task, split, report=report)
-    if limit is not None:
-        examples = examples[:limit]
+    if limit is not None and limit < len(examples) and split == "train":
+        # a seeded sample, not the first rows: the SST file, for one, lists positive reviews first
+        keep = sorted(random.Random(args.seed).sample(range(len(examples)), limit))
+        examples = [examples[i] for i in keep]
+    elif limit is not None:
+        examples = examples[:limit]  # dev/test: the first rows, so outputs line up with the files
     return tasks.TaskData(task, examples, tokenizer, args.max_length)
 
 
@@ -159,8 +218,8 @@ def build_model(args, checkpoint_dir, device):
         for param in model.encoder.parameters():
             param.requires_grad_(False)
     model.to(device)
-    if args.compile:
-        model.encoder = torch.compile(model.encoder, dynamic=True)
+    if args.compile:  # compiled in place: state_dict names, and so checkpoints, stay the same
+        model.encoder.compile(dynamic=True)
     return model
 
 
@@ -169,6 +228,15 @@ def build_optimizer(args, model):
     if args.optimizer == "adamw":
         return optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     return optim.AdaBelief(params, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def build_regulariser(args, model):
+    if not args.smart:
+        return None
+    import smart
+    return smart.SmartRegulariser(model, lambda_s=args.smart_lambda, eps=args.smart_eps, sigma=args.smart_sigma,
+                                  step_size=args.smart_step, n_steps=args.smart_steps, mu=args.bregman_mu,
+                                  beta=args.bregman_beta)
 
 
 def epoch_plan(args, train_data, epoch):
@@ -220,6 +288,14 @@ def write_predictions(path, data, predicted):
     os.replace(tmp, path)
 
 
+def print_table(title, rows):
+    print(title)
+    for name, value in rows:
+        print(f"  {name:<10} {value:.4f}")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
 def save_atomically(obj, path):
     """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
     tmp = Path(str(path) + ".tmp")
@@ -227,19 +303,141 @@ def save_atomically(obj, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, mmap=False):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise RunError(f"{path}: checkpoint not found") from None
     except Exception as e:
         raise RunError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
 
 
-def print_table(title, rows):
-    print(title)
-    for name, value in rows:
-        print(f"  {name:<10} {value:.4f}")
+def checked_model_state(path, state, model):
+    """`state` if it is a state dict that fits `model` exactly, else RunError saying what is off."""
+    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise RunError(f"{path}: not a model checkpoint (best.pt or last.pt from train.py)")
+    expected = model.state_dict()
+    for kind, names in (("missing", set(expected) - set(state)), ("unexpected", set(state) - set(expected))):
+        if names:
+            raise RunError(f"{path}: does not fit this model ({kind} {sorted(names)[0]!r}; check --tasks)")
+    for name, tensor in expected.items():
+        if state[name].shape != tensor.shape:
+            raise RunError(f"{path}: {name!r} has shape {tuple(state[name].shape)}, this model's "
+                           f"{tuple(tensor.shape)} (check --bert)")
+    return state
+
+
+def load_model_state(path, model):
+    state = load_checkpoint(path)
+    if isinstance(state, dict) and "model" in state:
+        state = state["model"]
+    return checked_model_state(path, state, model)
+
+
+def new_progress():
+    """Where a run stands. Saved in last.pt, so that a resumed run goes on exactly where it stopped."""
+    return {"epoch": 0, "step": 0,               # epochs finished; steps of the current epoch done
+            "total_loss": 0.0, "n_steps": 0,     # the current epoch's training loss so far
+            "skipped": 0, "bad_in_a_row": 0,     # non-finite steps: all of them, and in a row now
+            "best": -math.inf, "best_epoch": 0,  # best overall dev score so far, and its epoch
+            "history": []}                       # the records of metrics.jsonl, one per epoch
+
+
+def save_resumable(path, args, model, optimizer, regulariser, progress, device):
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "progress": progress,
+             "args": vars(args), "torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    if regulariser is not None:
+        state["smart"] = regulariser.state_dict()
+    save_atomically(state, path)
+
+
+# Flags a resumed run may change; every other flag must be the one last.pt was saved with.
+MAY_CHANGE_ON_RESUME = {"epochs", "save_every", "device", "compile", "eval_batch_size", "data_dir", "bert",
+                        "out_dir", "resume", "eval_only", "checkpoint"}
+
+
+def check_out_dir(args, out_dir):
+    """A new run must not mix its files with an old run's; --resume needs the old run's last.pt."""
+    if args.resume and not (out_dir / "last.pt").is_file():
+        raise RunError(f"--resume: {out_dir / 'last.pt'} not found, nothing to resume (start without --resume)")
+    old = [name for name in ("last.pt", "best.pt", "metrics.jsonl") if (out_dir / name).exists()]
+    if not args.resume and old:
+        raise RunError(f"{out_dir} already holds a run ({old[0]}): add --resume to continue it, "
+                       "or choose another --out_dir")
+
+
+def resume(args, out_dir, model, optimizer, regulariser, device):
+    """Load last.pt into the model, optimizer, SMART teacher and RNGs and return its progress;
+    refuse a last.pt saved with other flags. Then bring best.pt and metrics.jsonl in line."""
+    path = out_dir / "last.pt"
+    state = load_checkpoint(path)
+    if not (isinstance(state, dict) and {"model", "optimizer", "progress", "args", "torch_rng"} <= set(state)):
+        raise RunError(f"{path}: not a resumable checkpoint of this train.py")
+    now, saved = vars(args), state["args"]
+    for name in now.keys() - MAY_CHANGE_ON_RESUME:
+        if name in saved and saved[name] != now[name]:
+            raise RunError(f"--resume: {path} was saved with --{name} {flag_text(saved[name])}, not "
+                           f"{flag_text(now[name])}; resume with the run's own flags")
+    model.load_state_dict(checked_model_state(path, state["model"], model))
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        if regulariser is not None:
+            regulariser.load_state_dict(state.get("smart"))
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise RunError(f"{path}: its optimizer or SMART state does not fit this run ({one_line(e)})") from None
+    progress = state["progress"]
+    settle_run_files(out_dir, progress)
+    return progress
+
+
+def flag_text(value):
+    return ",".join(value) if isinstance(value, list) else str(value)
+
+
+def settle_run_files(out_dir, progress):
+    """Make best.pt and metrics.jsonl agree with last.pt's progress.
+
+    An epoch ends by writing best.pt.new (if the epoch is the best so far), then last.pt (the
+    commit point), then renaming best.pt.new to best.pt and rewriting metrics.jsonl. A run killed
+    in between is finished here: a best.pt.new of the epoch last.pt calls best becomes best.pt,
+    one of an epoch that last.pt has not recorded is dropped (that epoch is trained again)."""
+    pending = out_dir / "best.pt.new"
+    if pending.exists():
+        if saved_epoch(pending) == progress["best_epoch"]:
+            os.replace(pending, out_dir / "best.pt")
+        else:
+            pending.unlink()
+    for name in ("last.pt.tmp", "best.pt.new.tmp", "metrics.jsonl.tmp"):  # left by a kill mid-write
+        (out_dir / name).unlink(missing_ok=True)
+    if progress["best_epoch"] and saved_epoch(out_dir / "best.pt") != progress["best_epoch"]:
+        raise RunError(f"{out_dir / 'best.pt'} is missing or does not hold epoch {progress['best_epoch']}, "
+                       "the best epoch last.pt records; start the run again in a new --out_dir")
+    write_metrics(out_dir, progress["history"])
+
+
+def saved_epoch(path):
+    """The `epoch` field of a best.pt, read without loading its tensors (None if unreadable)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("epoch")
+    except Exception:
+        return None
+
+
+def write_metrics(out_dir, history):
+    """metrics.jsonl, one line per finished epoch, rewritten whole and atomically from `history`."""
+    tmp = out_dir / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(record) + "\n" for record in history))
+    os.replace(tmp, out_dir / "metrics.jsonl")
+
+
+def one_line(error):
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 # ----------------------------------------------------------------------------- the run
@@ -248,25 +446,31 @@ def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
-    checkpoint_dir = Path(args.bert) if args.bert else default_checkpoint_path()
-    tokenizer = BertTokenizer.from_pretrained(checkpoint_dir)
     out_dir = Path(args.out_dir)
     log = tqdm.write
 
+    # Everything a user can get wrong is checked, and all input read, before out_dir is touched.
+    checkpoint_dir = Path(args.bert) if args.bert else default_checkpoint_path()
+    tokenizer = load_tokenizer(checkpoint_dir)
+    check_checkpoint_fits(args, tokenizer, checkpoint_dir)
+    if not args.eval_only:
+        check_out_dir(args, out_dir)
     dev_data = {t: load_split(args, tokenizer, t, "dev", args.eval_limit, log) for t in args.tasks}
     test_data = {t: load_split(args, tokenizer, t, "test-student", args.eval_limit, log) for t in args.tasks}
+    train_data = {} if args.eval_only else {t: load_split(args, tokenizer, t, "train", args.limit, log)
+                                            for t in args.tasks}
     model = build_model(args, checkpoint_dir, device)
-    if len(tokenizer) > model.encoder.config.vocab_size:
-        raise RunError(f"{checkpoint_dir}: vocab.txt has {len(tokenizer)} tokens but the model only "
-                       f"{model.encoder.config.vocab_size} embeddings")
 
     if args.eval_only:
         model.load_state_dict(load_model_state(args.checkpoint, model))
     else:
-        train_data = {t: load_split(args, tokenizer, t, "train", args.limit, log) for t in args.tasks}
+        optimizer, regulariser = build_optimizer(args, model), build_regulariser(args, model)
+        progress = resume(args, out_dir, model, optimizer, regulariser, device) if args.resume else new_progress()
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
-        train(args, model, train_data, dev_data, device, out_dir)
+        if args.resume:
+            tqdm.write(f"resuming from {out_dir / 'last.pt'}: epoch {progress['epoch'] + 1}, step {progress['step']}")
+        train(args, model, optimizer, regulariser, progress, train_data, dev_data, device, out_dir)
         model.load_state_dict(load_model_state(out_dir / "best.pt", model))
 
     scores, overall = evaluate(model, dev_data, args, device)
@@ -280,105 +484,91 @@ def main(argv=None):
     return scores
 
 
-def load_model_state(path, model):
-    state = load_checkpoint(path)
-    state = state.get("model", state)
-    missing = set(model.state_dict()) - set(state)
-    if missing:
-        raise RunError(f"{path}: does not fit this model (missing {sorted(missing)[0]!r}; check --tasks)")
-    return state
+def training_step(args, model, optimizer, regulariser, params, batches, device):
+    """One optimizer step on one step's task batches. Returns the loss, or None when the loss or
+    a gradient is NaN or inf: then the step is skipped and the weights stay as they were."""
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+        task_losses = {task: task_loss(task, model(task, b["inputs"]), b["labels"]).float()
+                       for task, b in batches.items()}
+        loss = losses.combine_losses(task_losses, args.loss, args.focus)
+        if regulariser is not None:
+            loss = loss + regulariser(batches)
+    if not torch.isfinite(loss):
+        return None
+    loss.backward()
+    try:  # with clipping off, an infinite max_norm still checks that the norm is finite
+        optim.clip_grad_norm(params, args.clip_grad if args.clip_grad > 0 else math.inf)
+    except optim.NonFiniteGradientError:
+        return None
+    optimizer.step()
+    if regulariser is not None:
+        regulariser.update_teacher()
+    return loss.item()
 
 
-def train(args, model, train_data, dev_data, device, out_dir):
-    optimizer = build_optimizer(args, model)
+def train(args, model, optimizer, regulariser, progress, train_data, dev_data, device, out_dir):
+    """Train from `progress` (new_progress() or what resume() returned) to the end of the last epoch."""
     params = [p for p in model.parameters() if p.requires_grad]
-    regulariser = None
-    if args.smart:
-        import smart
-        regulariser = smart.SmartRegulariser(model, lambda_s=args.smart_lambda, eps=args.smart_eps,
-                                             sigma=args.smart_sigma, step_size=args.smart_step,
-                                             n_steps=args.smart_steps, mu=args.bregman_mu, beta=args.bregman_beta)
-    start_epoch, start_step, best, bad_in_a_row, skipped = 0, 0, -math.inf, 0, 0
-    if args.resume:
-        state = load_checkpoint(out_dir / "last.pt")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if regulariser is not None:
-            regulariser.load_state_dict(state["smart"])
-        torch.set_rng_state(state["torch_rng"])
-        start_epoch, start_step, best, skipped = state["epoch"], state["step"], state["best"], state["skipped"]
-        tqdm.write(f"resuming from {out_dir / 'last.pt'}: epoch {start_epoch + 1}, step {start_step}")
+    last = out_dir / "last.pt"
+    checkpoint = lambda: save_resumable(last, args, model, optimizer, regulariser, progress, device)
 
-    def checkpoint(epoch, step):
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
-                 "best": best, "skipped": skipped, "torch_rng": torch.get_rng_state()}
-        if regulariser is not None:
-            state["smart"] = regulariser.state_dict()
-        save_atomically(state, out_dir / "last.pt")
-
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(progress["epoch"], args.epochs):
         plan = epoch_plan(args, train_data, epoch)
         model.train()
-        started, total_loss, n_steps = time.time(), 0.0, 0
-        bar = tqdm(range(start_step, len(plan)), desc=f"epoch {epoch + 1}/{args.epochs}", total=len(plan),
-                   initial=start_step, dynamic_ncols=True, file=sys.stderr)
+        started = time.time()
+        bar = tqdm(range(progress["step"], len(plan)), desc=f"epoch {epoch + 1}/{args.epochs}", total=len(plan),
+                   initial=progress["step"], dynamic_ncols=True, file=sys.stderr)
         for step in bar:
             batches = {task: tasks.move_batch(train_data[task].batch(indices), device)
                        for task, indices in plan[step].items()}
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                task_losses = {task: task_loss(task, model(task, b["inputs"]), b["labels"]).float()
-                               for task, b in batches.items()}
-                loss = losses.combine_losses(task_losses, args.loss, args.focus)
-                if regulariser is not None:
-                    loss = loss + regulariser(batches)
-            ok = bool(torch.isfinite(loss))
-            if ok:
-                loss.backward()
-                try:  # with clipping off, an infinite max_norm still checks the norm is finite
-                    optim.clip_grad_norm(params, args.clip_grad if args.clip_grad > 0 else math.inf)
-                except optim.NonFiniteGradientError:
-                    ok = False
-            if not ok:
-                skipped += 1
-                bad_in_a_row += 1
-                tqdm.write(f"step {step}: non-finite loss or gradient, step skipped ({skipped} so far)")
-                if bad_in_a_row >= MAX_BAD_STEPS_IN_A_ROW:
-                    raise RunError(f"{bad_in_a_row} non-finite steps in a row: lower --lr or set --clip_grad")
+            loss = training_step(args, model, optimizer, regulariser, params, batches, device)
+            progress["step"] = step + 1
+            if loss is None:
+                progress["skipped"] += 1
+                progress["bad_in_a_row"] += 1
+                tqdm.write(f"epoch {epoch + 1}, step {step}: non-finite loss or gradient, step skipped "
+                           f"({progress['skipped']} so far)")
+                if progress["bad_in_a_row"] >= MAX_BAD_STEPS_IN_A_ROW:
+                    raise RunError(f"{progress['bad_in_a_row']} non-finite steps in a row (epoch {epoch + 1}, "
+                                   f"step {step}): lower --lr or set --clip_grad")
                 continue
-            bad_in_a_row = 0
-            optimizer.step()
-            if regulariser is not None:
-                regulariser.update_teacher()
-            total_loss += loss.item()
-            n_steps += 1
-            bar.set_postfix(loss=f"{total_loss / n_steps:.4f}")
+            progress["bad_in_a_row"] = 0
+            progress["total_loss"] += loss
+            progress["n_steps"] += 1
+            bar.set_postfix(loss=f"{progress['total_loss'] / progress['n_steps']:.4f}")
             if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < len(plan):
-                checkpoint(epoch, step + 1)
+                checkpoint()
         bar.close()
-        start_step = 0
 
         scores, overall = evaluate(model, dev_data, args, device)
-        record = {"epoch": epoch + 1, "train_loss": total_loss / max(n_steps, 1), "dev": scores,
-                  "overall": overall, "seconds": round(time.time() - started, 1), "skipped_steps": skipped}
-        with open(out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        record = {"epoch": epoch + 1, "train_loss": progress["total_loss"] / max(progress["n_steps"], 1),
+                  "dev": scores, "overall": overall, "seconds": round(time.time() - started, 1),
+                  "skipped_steps": progress["skipped"]}
         print_table(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, dev:",
                     [*scores.items(), ("overall", overall)])
-        if overall > best:
-            best = overall
-            save_atomically({"model": model.state_dict(), "epoch": epoch + 1, "dev": scores}, out_dir / "best.pt")
-        checkpoint(epoch + 1, 0)
+        progress.update(epoch=epoch + 1, step=0, total_loss=0.0, n_steps=0)
+        progress["history"].append(record)
+        score = overall if math.isfinite(overall) else -math.inf
+        improved = progress["best_epoch"] == 0 or score > progress["best"]
+        if improved:
+            progress["best"], progress["best_epoch"] = score, epoch + 1
+            save_atomically({"model": model.state_dict(), "epoch": epoch + 1, "dev": scores}, out_dir / "best.pt.new")
+        checkpoint()  # the commit point: from here on this epoch is done (see settle_run_files)
+        if improved:
+            os.replace(out_dir / "best.pt.new", out_dir / "best.pt")
+        write_metrics(out_dir, progress["history"])
 
 
 def cli():
     try:
         main()
-    except (tasks.DataError, CheckpointError, RunError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (tasks.DataError, CheckpointError, RunError, OSError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("\ninterrupted: resume with the same flags plus --resume", file=sys.stderr)
+        print("\ninterrupted: run the same command with --resume to continue from the last checkpoint "
+              "(last.pt in the run's folder)", file=sys.stderr)
         sys.exit(130)
 
 
