@@ -71,13 +71,30 @@ class BertConfig:
             raise CheckpointError(f"{path}: hidden_act {raw['hidden_act']!r} is not supported (only 'gelu')")
         if raw.get("position_embedding_type", "absolute") != "absolute":
             raise CheckpointError(f"{path}: only absolute position embeddings are supported")
-        known = {f.name: f.type for f in fields(cls)}
-        kwargs = {k: v for k, v in raw.items() if k in known and k != "attention"}
+        kwargs = {}
+        for field in fields(cls):
+            value = raw.get(field.name)
+            if field.name == "attention" or value is None:
+                continue
+            if not config_value_is_valid(field, value):
+                raise CheckpointError(f"{path}: {field.name} {value!r} is not a valid value for that field")
+            kwargs[field.name] = value
         config = cls(**kwargs)
         if config.hidden_size % config.num_attention_heads:
             raise CheckpointError(f"{path}: hidden_size {config.hidden_size} is not divisible by "
                                   f"num_attention_heads {config.num_attention_heads}")
+        if config.pad_token_id >= config.vocab_size:
+            raise CheckpointError(f"{path}: pad_token_id {config.pad_token_id} is not below vocab_size {config.vocab_size}")
         return config
+
+
+def config_value_is_valid(field, value):
+    """Sizes are whole numbers >= 1 (pad_token_id >= 0); dropout lies in [0, 1); eps > 0."""
+    if field.type is int:
+        return type(value) is int and value >= (0 if field.name == "pad_token_id" else 1)
+    if type(value) not in (int, float) or not math.isfinite(value):
+        return False
+    return 0 <= value < 1 if field.name.endswith("dropout_prob") else value > 0
 
 
 # ----------------------------------------------------------------------------- the model
@@ -181,8 +198,10 @@ class BertModel(nn.Module):
         config = BertConfig.from_json(path / "config.json")
         for name, value in config_overrides.items():
             setattr(config, name, value)
-        model = cls(config)
         state, ignored = map_checkpoint_names(read_checkpoint_weights(path))
+        with torch.device("meta"):  # shapes only: a damaged config.json must not allocate a huge model
+            check_state_fits(cls(config).state_dict(), state, source=path)
+        model = cls(config)
         model.load_converted_state(state, source=path)
         model.ignored_keys = ignored
         return model
@@ -190,18 +209,28 @@ class BertModel(nn.Module):
     def load_converted_state(self, state, source):
         """Copy weights named as ours into the model; every parameter must be present and fit."""
         expected = self.state_dict()
-        for name, param in expected.items():
-            if name not in state:
-                raise CheckpointError(f"{source}: weight {name!r} missing from the checkpoint")
-            if tuple(state[name].shape) != tuple(param.shape):
-                raise CheckpointError(f"{source}: weight {name!r} has shape {tuple(state[name].shape)}, "
-                                      f"config.json implies {tuple(param.shape)}")
-        unknown = sorted(set(state) - set(expected))
-        if unknown:
-            raise CheckpointError(f"{source}: unexpected weight {unknown[0]!r} (and {len(unknown) - 1} more)")
+        check_state_fits(expected, state, source)
         with torch.no_grad():
             for name, param in expected.items():
                 param.copy_(state[name].to(param.dtype))
+
+
+def check_state_fits(expected, state, source):
+    """Every weight of `expected` is in `state`, with its shape, as finite floats; nothing else is."""
+    for name, param in expected.items():
+        if name not in state:
+            raise CheckpointError(f"{source}: weight {name!r} missing from the checkpoint")
+        weight = state[name]
+        if tuple(weight.shape) != tuple(param.shape):
+            raise CheckpointError(f"{source}: weight {name!r} has shape {tuple(weight.shape)}, "
+                                  f"config.json implies {tuple(param.shape)}")
+        if not weight.is_floating_point():
+            raise CheckpointError(f"{source}: weight {name!r} is stored as {weight.dtype}, not a float type")
+        if not torch.isfinite(weight).all():
+            raise CheckpointError(f"{source}: weight {name!r} holds NaN or inf values (a damaged file?)")
+    unknown = sorted(set(state) - set(expected))
+    if unknown:
+        raise CheckpointError(f"{source}: unexpected weight {unknown[0]!r} (and {len(unknown) - 1} more)")
 
 
 # ----------------------------------------------------------------------------- checkpoint files
@@ -288,13 +317,48 @@ def read_safetensors(path):
     for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
         if begin_b < end_a:
             raise bad(f"entries {a!r} and {b!r} overlap")
+    # the tensors tile the data area exactly, as the safetensors writer lays them out; a gap or
+    # trailing bytes mean the header does not describe this file (e.g. a damaged header length)
+    covered = 0
+    for begin, end, name in spans:
+        if begin != covered:
+            raise bad(f"bytes {covered}..{begin} of the data belong to no tensor")
+        covered = end
+    if covered != len(body):
+        raise bad(f"bytes {covered}..{len(body)} of the data belong to no tensor")
 
     out = {}
     for name, (dtype, shape, begin, end) in tensors.items():
         raw = bytearray(body[begin:end])  # a private copy, so the tensor owns its memory
         flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-        out[name] = flat.reshape(shape)
+        try:
+            out[name] = flat.reshape(shape)
+        except (RuntimeError, TypeError, ValueError):  # e.g. an empty tensor with a dimension >= 2^63
+            raise bad(f"entry {name!r} has a shape torch cannot build: {shape!r}") from None
     return out
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """Write {name: tensor} as a .safetensors file, laid out as the safetensors library does:
+    tensors in name order, back to back, and the JSON header padded with spaces to a multiple of
+    8 bytes. Written to a temporary file and renamed, so a crash never leaves half a file."""
+    dtype_names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    header, chunks, offset = {}, [], 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        raw = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": dtype_names[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(struct.pack("<Q", len(encoded)) + encoded + b"".join(chunks))
+    tmp.replace(path)
 
 
 def map_checkpoint_names(state):

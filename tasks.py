@@ -57,13 +57,12 @@ class Example:
 
 def parse_label(task, raw):
     """The label as the task uses it, or ValueError with what was wrong."""
+    value = float(raw)  # ValueError: could not convert string to float: 'x'
     if task == "sts":
-        value = float(raw)
-        if not 0.0 <= value <= 5.0:
+        if not 0.0 <= value <= 5.0:  # also refuses nan
             raise ValueError(f"similarity {raw!r} is outside 0..5")
         return value
-    value = float(raw)
-    if value != int(value):
+    if not math.isfinite(value) or value != int(value):
         raise ValueError(f"label {raw!r} is not a whole number")
     n_classes = 5 if task == "sst" else 2
     if not 0 <= int(value) < n_classes:
@@ -81,40 +80,61 @@ def read_examples(data_dir, task, split, report=print):
     A training row with an empty label is skipped, counted and reported; anything else that
     is malformed (missing columns, wrong field count, bad label, empty sentence) is an error."""
     path = data_path(data_dir, task, split)
+    if not Path(data_dir).is_dir():
+        raise DataError(f"{data_dir}: data folder not found (point --data_dir at the folder holding the task files)")
     if not path.is_file():
         raise DataError(f"{path}: data file not found (point --data_dir at the folder holding the task files)")
-    text_columns = ["sentence1", "sentence2"] if task in PAIR_TASKS else ["sentence"]
-    label_column = None if split == "test-student" else LABEL_COLUMNS[task]
-    wanted = ["id"] + text_columns + ([label_column] if label_column else [])
-    examples, skipped = [], 0
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f, delimiter="\t")
-        missing = [c for c in wanted if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(f"{path}: missing column(s) {', '.join(missing)} in the header")
-        for row in reader:
-            where = f"{path}:{reader.line_num}"
-            if None in row or any(v is None for v in row.values()):
-                raise DataError(f"{where}: expected {len(reader.fieldnames)} tab-separated fields")
-            texts = [row[c] for c in text_columns]
-            if any(not t.strip() for t in texts):
-                raise DataError(f"{where}: empty sentence")
-            label = None
-            if label_column:
-                raw = row[label_column].strip()
-                if raw == "" and split == "train":
-                    skipped += 1
-                    continue
-                try:
-                    label = parse_label(task, raw)
-                except ValueError as e:
-                    raise DataError(f"{where}: {e}") from None
-            examples.append(Example(row["id"], texts[0], texts[1] if len(texts) > 1 else None, label))
+        try:
+            examples, skipped = parse_rows(path, reader, task, split)
+        except UnicodeDecodeError:  # raised for a whole chunk read ahead: find the line itself
+            raise DataError(f"{path}:{first_non_utf8_line(path)}: not UTF-8 text") from None
+        except csv.Error as e:
+            raise DataError(f"{path}:{reader.line_num}: {e}") from None
     if skipped:
         report(f"{path}: skipped {skipped} row(s) with an empty label")
     if not examples:
         raise DataError(f"{path}: no examples")
     return examples
+
+
+def first_non_utf8_line(path):
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return data[:e.start].count(b"\n") + 1
+
+
+def parse_rows(path, reader, task, split):
+    """(examples, number of training rows skipped for an empty label) from a csv.DictReader."""
+    text_columns = ["sentence1", "sentence2"] if task in PAIR_TASKS else ["sentence"]
+    label_column = None if split == "test-student" else LABEL_COLUMNS[task]
+    wanted = ["id"] + text_columns + ([label_column] if label_column else [])
+    missing = [c for c in wanted if c not in (reader.fieldnames or [])]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)} in the header")
+    examples, skipped = [], 0
+    for row in reader:
+        where = f"{path}:{reader.line_num}"
+        if None in row or any(v is None for v in row.values()):
+            raise DataError(f"{where}: expected {len(reader.fieldnames)} tab-separated fields")
+        texts = [row[c] for c in text_columns]
+        if any(not t.strip() for t in texts):
+            raise DataError(f"{where}: empty sentence")
+        label = None
+        if label_column:
+            raw = row[label_column].strip()
+            if raw == "" and split == "train":
+                skipped += 1
+                continue
+            try:
+                label = parse_label(task, raw)
+            except ValueError as e:
+                raise DataError(f"{where}: {e}") from None
+        examples.append(Example(row["id"], texts[0], texts[1] if len(texts) > 1 else None, label))
+    return examples, skipped
 
 
 # ----------------------------------------------------------------------------- token ids and batches

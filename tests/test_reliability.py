@@ -1,0 +1,476 @@
+"""Specification of train.py's reliability: bad input is one line and exit status 2 with nothing
+written, damaged checkpoints are refused cleanly, NaN steps are skipped and counted, and a run
+that is killed and resumed ends bit for bit where an uninterrupted run ends.
+
+Most runs here use a tiny random BERT (hidden 16, 2 layers, the real 30522-token vocab), written
+as a real checkpoint folder: the properties do not depend on the model's size, and it keeps the
+file fast on one CPU core.
+"""
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from bert import BertConfig, BertModel, CheckpointError, read_safetensors, write_safetensors
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = dict(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+            max_position_embeddings=64)
+
+
+def make_checkpoint(folder, vocab_file, seed=0, **config):
+    """A Hugging Face style BERT folder (config.json, model.safetensors, vocab.txt) of a random model."""
+    folder.mkdir(parents=True)
+    torch.manual_seed(seed)
+    model = BertModel(BertConfig(**config))
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "bert", "hidden_act": "gelu"}))
+    write_safetensors(folder / "model.safetensors", model.state_dict(), metadata={"format": "pt"})
+    if vocab_file is not None:
+        shutil.copy(vocab_file, folder / "vocab.txt")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, checkpoint_dir):
+    return make_checkpoint(tmp_path_factory.mktemp("bert") / "tiny", checkpoint_dir / "vocab.txt", **TINY)
+
+
+def read_metrics(out_dir):
+    """metrics.jsonl without the wall-clock 'seconds' field, which is the one thing allowed to differ."""
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+
+# ----------------------------------------------------------------------------- bad input: one line, exit 2
+
+def data_folder(tmp, data_dir, file="ids-sst-dev.csv", edit=None):
+    """Links to the real task files, except `file`: its header and 20 rows edited by edit(lines)
+    (lines[0] is the header), or, with no edit, left out."""
+    folder = tmp / "data"
+    folder.mkdir()
+    for real in data_dir.glob("*.csv"):
+        if real.name != file:
+            (folder / real.name).symlink_to(real)
+    if edit is not None:
+        lines = (data_dir / file).read_bytes().split(b"\n")[:21]
+        (folder / file).write_bytes(b"\n".join(edit(lines)) + b"\n")
+    return folder
+
+
+def set_field(row, column, value):
+    """edit(): tab-separated field `column` of line `row` becomes `value`."""
+    def edit(lines):
+        fields = lines[row].split(b"\t")
+        fields[column] = value
+        lines[row] = b"\t".join(fields)
+        return lines
+    return edit
+
+
+def add_field(row, value):
+    def edit(lines):
+        lines[row] += b"\t" + value
+        return lines
+    return edit
+
+
+def damaged_copy(tmp, tiny, damage):
+    """A copy of the tiny checkpoint folder, with damage(folder) done to it."""
+    folder = tmp / "bert"
+    shutil.copytree(tiny, folder)
+    damage(folder)
+    return folder
+
+
+def safetensors_bytes(edit):
+    """damage(): model.safetensors becomes edit(its bytes, its header length, its header)."""
+    def damage(folder):
+        path = folder / "model.safetensors"
+        data = path.read_bytes()
+        n = struct.unpack("<Q", data[:8])[0]
+        path.write_bytes(edit(data, n, json.loads(data[8:8 + n])))
+    return damage
+
+
+def safetensors_header(edit):
+    """damage(): model.safetensors' JSON header is changed in place by edit(header)."""
+    def new_bytes(data, n, header):
+        edit(header)
+        raw = json.dumps(header).encode()
+        return struct.pack("<Q", len(raw)) + raw + data[8 + n:]
+    return safetensors_bytes(new_bytes)
+
+
+def overlap_pooler(header):
+    begin = header["pooler.weight"]["data_offsets"][0]
+    header["pooler.bias"]["data_offsets"] = [begin, begin + 64]
+
+
+def config_json(**fields):
+    def damage(folder):
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **fields}))
+    return damage
+
+
+def delete(name):
+    return lambda folder: (folder / name).unlink()
+
+
+def write_file(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+# (name, flags built from (tmp_path, data_dir, tiny checkpoint), the message expected on stderr)
+BAD_INPUTS = [
+    # flags, refused before anything is read
+    ("--limit 0", lambda t, d, b: ["--limit", "0"], r"--limit must be at least 1"),
+    ("negative --lr", lambda t, d, b: ["--lr", "-0.001"], r"--lr must be positive, got -0.001"),
+    ("fls focus not in tasks", lambda t, d, b: ["--loss", "fls", "--focus", "para"],
+     r"--focus para names a task not in --tasks sst"),
+    ("unknown task", lambda t, d, b: ["--tasks", "sst,nli"], r"unknown task 'nli'"),
+    ("not a number", lambda t, d, b: ["--batch_size", "eight"], r"argument --batch_size: invalid int value: 'eight'"),
+    ("nan --weight_decay", lambda t, d, b: ["--weight_decay", "nan"], r"--weight_decay must be a finite number"),
+    ("--max_length 2", lambda t, d, b: ["--max_length", "2"], r"--max_length must be at least 3"),
+    ("--resume with --eval_only", lambda t, d, b: ["--resume", "--eval_only", "--checkpoint", "best.pt"],
+     r"--eval_only and --resume exclude each other"),
+    # data files
+    ("no data folder", lambda t, d, b: ["--data_dir", str(t / "nowhere")], r"nowhere: data folder not found"),
+    ("missing data file", lambda t, d, b: ["--data_dir", str(data_folder(t, d))],
+     r"data/ids-sst-dev\.csv: data file not found"),
+    ("wrong columns", lambda t, d, b: ["--data_dir", str(data_folder(t, d, edit=set_field(0, 3, b"label")))],
+     r"ids-sst-dev\.csv: missing column\(s\) sentiment in the header"),
+    ("wrong field count", lambda t, d, b: ["--data_dir", str(data_folder(t, d, edit=add_field(2, b"4")))],
+     r"ids-sst-dev\.csv:3: expected 4 tab-separated fields"),
+    ("non-numeric label", lambda t, d, b: ["--data_dir", str(data_folder(t, d, edit=set_field(2, 3, b"good")))],
+     r"ids-sst-dev\.csv:3: could not convert string to float: 'good'"),
+    ("label out of range", lambda t, d, b: ["--data_dir", str(data_folder(t, d, edit=set_field(2, 3, b"7")))],
+     r"ids-sst-dev\.csv:3: label '7' is outside 0\.\.4"),
+    ("empty sentence", lambda t, d, b: ["--data_dir", str(data_folder(t, d, edit=set_field(2, 2, b" ")))],
+     r"ids-sst-dev\.csv:3: empty sentence"),
+    ("similarity above 5", lambda t, d, b: ["--tasks", "sts", "--data_dir", str(
+        data_folder(t, d, "sts-train.csv", edit=set_field(1, 4, b"5.5")))],
+     r"sts-train\.csv:2: similarity '5\.5' is outside 0\.\.5"),
+    ("not UTF-8", lambda t, d, b: ["--data_dir", str(data_folder(t, d, edit=set_field(2, 2, b"No \xff one")))],
+     r"ids-sst-dev\.csv:3: not UTF-8 text"),
+    # the BERT checkpoint folder
+    ("no checkpoint folder", lambda t, d, b: ["--bert", str(t / "nowhere")], r"nowhere: checkpoint folder not found"),
+    ("no vocab.txt", lambda t, d, b: ["--bert", str(damaged_copy(t, b, delete("vocab.txt")))],
+     r"bert/vocab\.txt: not found"),
+    ("no weights", lambda t, d, b: ["--bert", str(damaged_copy(t, b, delete("model.safetensors")))],
+     r"bert: no model\.safetensors or pytorch_model\.bin"),
+    ("config.json not JSON", lambda t, d, b: ["--bert", str(damaged_copy(
+        t, b, lambda f: (f / "config.json").write_text('{"hidden_size": 16,')))], r"config\.json: not valid JSON"),
+    ("config.json bad value", lambda t, d, b: ["--bert", str(damaged_copy(t, b, config_json(hidden_size="16")))],
+     r"config\.json: hidden_size '16' is not a valid value"),
+    ("header length past the end", lambda t, d, b: ["--bert", str(damaged_copy(t, b, safetensors_bytes(
+        lambda data, n, h: struct.pack("<Q", len(data)) + data[8:])))], r"header length \d+ runs past the end"),
+    ("truncated weights", lambda t, d, b: ["--bert", str(damaged_copy(t, b, safetensors_bytes(
+        lambda data, n, h: data[:-100])))], r"has offsets \[\d+, \d+\] outside the file"),
+    ("overlapping offsets", lambda t, d, b: ["--bert", str(damaged_copy(t, b, safetensors_header(overlap_pooler)))],
+     r"entries 'pooler\.(weight|bias)' and 'pooler\.(weight|bias)' overlap"),
+    ("unknown dtype", lambda t, d, b: ["--bert", str(damaged_copy(t, b, safetensors_header(
+        lambda h: h["pooler.bias"].update(dtype="F7"))))], r"entry 'pooler\.bias' has unknown dtype 'F7'"),
+    ("shape disagrees with config.json", lambda t, d, b: ["--bert", str(damaged_copy(
+        t, b, config_json(intermediate_size=48)))],
+     r"weight 'layers\.0\.ffn_in\.weight' has shape \(32, 16\), config\.json implies \(48, 16\)"),
+    ("vocab does not fit", lambda t, d, b: ["--bert", str(damaged_copy(t, b, config_json(vocab_size=1000)))],
+     r"vocab\.txt has 30522 tokens but config\.json only 1000 embeddings"),
+    ("--max_length past the positions", lambda t, d, b: ["--max_length", "65"],
+     r"--max_length 65 exceeds the checkpoint's 64 position embeddings"),
+    # runs and saved models
+    ("--resume without last.pt", lambda t, d, b: ["--resume"], r"run/last\.pt not found, nothing to resume"),
+    ("out_dir holds a run", lambda t, d, b: [] if write_file(t / "run" / "metrics.jsonl", b"{}\n") else [],
+     r"run already holds a run \(metrics\.jsonl\): add --resume to continue it"),
+    ("--checkpoint not found", lambda t, d, b: ["--eval_only", "--checkpoint", str(t / "best.pt")],
+     r"best\.pt: checkpoint not found"),
+    ("--checkpoint not a checkpoint", lambda t, d, b: ["--eval_only", "--checkpoint", str(
+        write_file(t / "best.pt", b"PK\x03\x04 no zip"))], r"best\.pt: not a readable checkpoint"),
+]
+
+
+def snapshot(folder):
+    return None if not folder.exists() else {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("build, message", [pytest.param(b, m, id=name) for name, b, m in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_status_2_and_nothing_written(tmp_path, data_dir, tiny, build, message):
+    out_dir = tmp_path / "run"
+    flags = build(tmp_path, data_dir, tiny)  # later flags win: these replace the defaults below
+    before = snapshot(out_dir)
+    command = [sys.executable, str(ROOT / "train.py"), "--data_dir", str(data_dir), "--bert", str(tiny),
+               "--tasks", "sst", "--limit", "16", "--eval_limit", "8", "--max_length", "32", "--epochs", "1",
+               "--device", "cpu", "--out_dir", str(out_dir), *flags]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("error: ") and re.search(message, line), line
+    assert snapshot(out_dir) == before
+
+
+# ----------------------------------------------------------------------------- damaged safetensors files
+
+def as_bytes(tensor):
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+def test_flipped_or_cut_bytes_of_a_safetensors_file_never_load_silently(tmp_path):
+    """Random damage to a small model.safetensors gives CheckpointError, or a file that is valid
+    for what its bytes now say. A flip in the data area is such a file: the tensor that holds the
+    byte has one different number (and from_pretrained refuses it if that number is NaN or inf).
+    A flip in the header that still parses (e.g. a name or a dtype letter) must be refused by
+    from_pretrained, unless it changed nothing (e.g. a space). A file with bytes cut never loads."""
+    folder = make_checkpoint(tmp_path / "small", None, vocab_size=64, hidden_size=8, num_hidden_layers=1,
+                             num_attention_heads=2, intermediate_size=16, max_position_embeddings=16)
+    path = folder / "model.safetensors"
+    original = path.read_bytes()
+    data_start = 8 + struct.unpack("<Q", original[:8])[0]
+    header = json.loads(original[8:data_start])
+    tensors = read_safetensors(path)
+    owner = {}  # byte position in the file -> name of the tensor it belongs to
+    for name, entry in header.items():
+        if name != "__metadata__":
+            begin, end = entry["data_offsets"]
+            owner.update((data_start + i, name) for i in range(begin, end))
+    assert len(owner) == len(original) - data_start
+
+    rng = random.Random(0)
+    outcomes = {"refused": 0, "data flip loaded": 0, "data flip non-finite": 0, "neutral header flip": 0}
+    for _ in range(400):
+        damaged, kind = bytearray(original), rng.choice(["flip", "flip", "flip", "cut", "cut out"])
+        if kind == "flip":  # half in the header; 0x7f and 0xff in a float's top byte can make it NaN or inf
+            at = rng.randrange(data_start) if rng.random() < 0.5 else rng.randrange(data_start, len(damaged))
+            value = rng.choice([0x7F, 0xFF, rng.randrange(256)])
+            damaged[at] = value if value != damaged[at] else value ^ 1
+        elif kind == "cut":
+            damaged = damaged[:rng.randrange(len(damaged))]
+        else:
+            at = rng.randrange(len(damaged))
+            del damaged[at:at + rng.randrange(1, 64)]
+        path.write_bytes(damaged)
+        try:
+            loaded = read_safetensors(path)
+        except CheckpointError:
+            outcomes["refused"] += 1
+            continue
+        assert kind == "flip", f"a file with bytes cut out loaded ({kind})"
+        if at >= data_start:
+            changed = [name for name in tensors if not torch.equal(as_bytes(tensors[name]), as_bytes(loaded[name]))]
+            assert changed == [owner[at]]
+            assert (as_bytes(tensors[owner[at]]) != as_bytes(loaded[owner[at]])).sum() == 1
+            if torch.isfinite(loaded[owner[at]]).all():
+                BertModel.from_pretrained(folder)
+                outcomes["data flip loaded"] += 1
+            else:
+                with pytest.raises(CheckpointError, match="NaN or inf"):
+                    BertModel.from_pretrained(folder)
+                outcomes["data flip non-finite"] += 1
+        elif loaded.keys() == tensors.keys() and all(
+                loaded[n].dtype == tensors[n].dtype and torch.equal(as_bytes(loaded[n]), as_bytes(tensors[n]))
+                for n in tensors):
+            outcomes["neutral header flip"] += 1
+        else:
+            with pytest.raises(CheckpointError):
+                BertModel.from_pretrained(folder)
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 200 and outcomes["data flip loaded"] > 50 and outcomes["data flip non-finite"] > 5
+
+
+# ----------------------------------------------------------------------------- NaN and inf steps
+
+def tiny_run_flags(data_dir, tiny, out_dir, *flags):
+    return ["--data_dir", str(data_dir), "--bert", str(tiny), "--out_dir", str(out_dir), "--device", "cpu",
+            "--tasks", "sst", "--limit", "48", "--batch_size", "8", "--eval_limit", "8", "--max_length", "32",
+            "--epochs", "1", "--lr", "1e-3", *flags]
+
+
+def poison_task_loss(monkeypatch, nan_loss_steps=(), nan_gradient_steps=()):
+    """train.task_loss, made NaN on the given steps, or finite with a NaN gradient (sqrt'(0) * 0)."""
+    real, step = train.task_loss, iter(range(10**6))
+
+    def task_loss(task, outputs, labels):
+        loss, k = real(task, outputs, labels), next(step)
+        if k in nan_loss_steps:
+            return loss * float("nan")
+        if k in nan_gradient_steps:
+            return loss + torch.sqrt(loss - loss)
+        return loss
+    monkeypatch.setattr(train, "task_loss", task_loss)
+
+
+def test_nan_loss_and_nan_gradient_steps_are_skipped_and_counted(tmp_path, data_dir, tiny, monkeypatch, capsys):
+    out_dir = tmp_path / "run"
+    poison_task_loss(monkeypatch, nan_loss_steps={1}, nan_gradient_steps={3})
+    train.main(tiny_run_flags(data_dir, tiny, out_dir))
+    assert "step 1: non-finite loss or gradient, step skipped (1 so far)" in capsys.readouterr().out
+    (record,) = read_metrics(out_dir)
+    assert record["skipped_steps"] == 2 and record["train_loss"] > 0
+    last = torch.load(out_dir / "last.pt", weights_only=True)
+    assert last["progress"]["skipped"] == 2 and last["progress"]["bad_in_a_row"] == 0
+    assert all(torch.isfinite(t).all() for t in last["model"].values())
+    assert {s["step"] for s in last["optimizer"]["state"].values()} == {6 - 2}  # AdamW stepped 4 times
+
+
+def test_nan_on_every_step_stops_the_run_with_exit_status_2(tmp_path, data_dir, tiny, monkeypatch, capsys):
+    monkeypatch.setattr(train, "MAX_BAD_STEPS_IN_A_ROW", 3)
+    poison_task_loss(monkeypatch, nan_loss_steps=range(2, 10**6))
+    monkeypatch.setattr(sys, "argv", ["train.py", *tiny_run_flags(data_dir, tiny, tmp_path / "run")])
+    with pytest.raises(SystemExit) as stopped:
+        train.cli()
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == ("error: 3 non-finite steps in a row (epoch 1, step 4): "
+                                    "lower --lr or set --clip_grad")
+
+
+# ----------------------------------------------------------------------------- resuming
+
+RUN = ["--tasks", "sst,sts", "--sampler", "roundrobin", "--smart", "--limit", "48", "--batch_size", "8",
+       "--epochs", "2", "--save_every", "2", "--max_length", "32", "--eval_limit", "16", "--lr", "1e-3",
+       "--seed", "1", "--device", "cpu"]  # 6 steps an epoch: mid-epoch checkpoints after steps 2 and 4
+
+
+def run_flags(data_dir, tiny, out_dir, *more):
+    return ["--data_dir", str(data_dir), "--bert", str(tiny), "--out_dir", str(out_dir), *RUN, *more]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir, tiny):
+    """The run the interrupted ones must reproduce; its dev score rises, so both epochs write best.pt."""
+    out_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    train.main(run_flags(data_dir, tiny, out_dir))
+    first, second = read_metrics(out_dir)
+    assert second["overall"] > first["overall"]
+    return out_dir
+
+
+def assert_identical(a, b, where="last.pt"):
+    """Nested dicts/lists of tensors and plain values, equal bit for bit."""
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def assert_same_run(expected_dir, out_dir):
+    """Same files, same metrics (but for 'seconds'), same best.pt, same last.pt (weights, AdamW and
+    SMART state, RNG state, progress) but for the flags, same predictions."""
+    assert sorted(os.listdir(out_dir)) == sorted(os.listdir(expected_dir))
+    assert read_metrics(out_dir) == read_metrics(expected_dir)
+    load = lambda path: torch.load(path, weights_only=True)
+    assert_identical(load(out_dir / "best.pt"), load(expected_dir / "best.pt"), "best.pt")
+    last, expected = load(out_dir / "last.pt"), load(expected_dir / "last.pt")
+    for state in (last, expected):
+        del state["args"]
+        for record in state["progress"]["history"]:
+            del record["seconds"]
+    assert_identical(last, expected)
+    for path in (expected_dir / "predictions").iterdir():
+        assert (out_dir / "predictions" / path.name).read_text() == path.read_text()
+
+
+def test_same_seed_on_the_same_cpu_gives_the_same_run_bit_for_bit(tmp_path, data_dir, tiny, uninterrupted):
+    train.main(run_flags(data_dir, tiny, tmp_path / "again"))
+    assert_same_run(uninterrupted, tmp_path / "again")
+
+
+# Runs train.py in a process that SIGKILLs itself while writing its second mid-epoch checkpoint
+# (after step 4 of epoch 1): the temporary file is half written and last.pt holds step 2.
+KILLED_WHILE_SAVING = """
+import os, signal, sys
+import train
+saves = 0
+def save_atomically(obj, path, save=train.save_atomically):
+    global saves
+    saves += path.name == "last.pt"
+    if saves == 2:
+        with open(str(path) + ".tmp", "wb") as f:
+            f.write(b"half a checkpoint")
+        os.kill(os.getpid(), signal.SIGKILL)
+    save(obj, path)
+train.save_atomically = save_atomically
+sys.argv[0] = "train.py"
+train.cli()
+"""
+
+
+def test_a_run_killed_mid_epoch_and_resumed_ends_bit_for_bit_like_one_left_alone(
+        tmp_path, data_dir, tiny, uninterrupted):
+    out_dir = tmp_path / "run"
+    flags = run_flags(data_dir, tiny, out_dir)
+    killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_SAVING, *flags], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    progress = torch.load(out_dir / "last.pt", weights_only=True)["progress"]
+    assert (progress["epoch"], progress["step"]) == (0, 2)
+    assert (out_dir / "last.pt.tmp").exists() and not (out_dir / "metrics.jsonl").exists()
+
+    before = snapshot(out_dir)
+    with pytest.raises(train.RunError, match=r"last\.pt was saved with --lr 0\.001, not 0\.01; resume with the"):
+        train.main(flags + ["--resume", "--lr", "0.01"])
+    assert snapshot(out_dir) == before
+
+    train.main(flags + ["--resume", "--save_every", "3"])  # --save_every may change
+    assert_same_run(uninterrupted, out_dir)
+
+
+@pytest.mark.parametrize("when", ["before last.pt is written", "after last.pt is written"])
+def test_an_interrupt_at_the_end_of_an_epoch_leaves_a_run_that_resumes_exactly(
+        tmp_path, data_dir, tiny, uninterrupted, monkeypatch, capsys, when):
+    """The end of an epoch writes best.pt.new, last.pt, renames best.pt.new to best.pt, then
+    rewrites metrics.jsonl: Ctrl-C on either side of last.pt must leave a run that resumes right."""
+    out_dir = tmp_path / "run"
+    save, replace, renames = train.save_atomically, os.replace, []
+
+    def save_atomically(obj, path):
+        if when.startswith("before") and path.name == "last.pt" and obj["progress"]["epoch"] == 2:
+            raise KeyboardInterrupt
+        save(obj, path)
+
+    def os_replace(source, target):
+        renames.append(str(source))
+        if when.startswith("after") and renames.count(str(out_dir / "best.pt.new")) == 2:
+            raise KeyboardInterrupt
+        replace(source, target)
+
+    monkeypatch.setattr(train, "save_atomically", save_atomically)
+    monkeypatch.setattr(train.os, "replace", os_replace)
+    monkeypatch.setattr(sys, "argv", ["train.py", *run_flags(data_dir, tiny, out_dir)])
+    with pytest.raises(SystemExit) as stopped:
+        train.cli()
+    assert stopped.value.code == 130 and "--resume" in capsys.readouterr().err
+    assert (out_dir / "best.pt.new").exists() and len(read_metrics(out_dir)) == 1
+    monkeypatch.undo()
+
+    train.main(run_flags(data_dir, tiny, out_dir, "--resume"))
+    assert_same_run(uninterrupted, out_dir)
