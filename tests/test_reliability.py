@@ -51,12 +51,6 @@ def read_metrics(out_dir):
     return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
 
 
-def assert_same_tensors(a, b):
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-
-
 
 # ----------------------------------------------------------------------------- bad input: one line, exit 2
 
@@ -232,6 +226,21 @@ def test_bad_input_is_one_line_exit_status_2_and_nothing_written(tmp_path, data_
 
 def as_bytes(tensor):
     return tensor.reshape(-1).view(torch.uint8)
+
+
+def test_write_safetensors_is_read_back_by_both_readers_and_reads_what_they_write(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    tensors = {"f32": torch.randn(3, 4), "f16": torch.randn(5).half(), "bf16": torch.randn(2, 3).bfloat16(),
+               "i64": torch.arange(7), "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5),
+               "empty": torch.zeros(0, 3)}
+    ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
+    write_safetensors(ours, tensors, metadata={"format": "pt"})
+    safetensors_torch.save_file(tensors, theirs)
+    assert struct.unpack("<Q", ours.read_bytes()[:8])[0] % 8 == 0  # header padded as the library pads it
+    for loaded in (read_safetensors(ours), safetensors_torch.load_file(ours), read_safetensors(theirs)):
+        assert loaded.keys() == tensors.keys()
+        for name, tensor in tensors.items():
+            assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
 
 
 def test_flipped_or_cut_bytes_of_a_safetensors_file_never_load_silently(tmp_path):
