@@ -17,7 +17,7 @@ Why these heads:
 - STS is a bi-encoder: the cosine of the two sentences' mean-pooled token embeddings. The
   default checkpoint (all-MiniLM-L6-v2) was trained for exactly this, so the head starts good.
   The cosine lies in [-1, 1]; 5 * cosine, clipped to [0, 5], is the predicted score, and the
-  loss compares the cosine with score / 5 (losses.similarity_mse_loss).
+  loss is the squared error of 5 * cosine against the score (losses.similarity_mse_loss).
 
 The study's overall dev score is mean(SST acc, PARA acc, (STS r + 1) / 2), over the tasks run.
 """

@@ -53,12 +53,12 @@ def test_binary_cross_entropy_loss_is_finite_for_confident_wrong_predictions():
     assert torch.isfinite(logit.grad).all()
 
 
-def test_similarity_mse_loss_is_mse_between_cosine_and_score_over_5():
+def test_similarity_mse_loss_is_mse_between_scaled_cosine_and_score():
     cosine = torch.tensor([0.95, 0.10, -0.20, 0.55])
     scores = torch.tensor([4.8, 0.4, 0.0, 3.0])
     torch.testing.assert_close(similarity_mse_loss(cosine, scores),
-                               F.mse_loss(cosine, scores / 5))
-    assert similarity_mse_loss(scores / 5, scores).item() == 0.0
+                               F.mse_loss(5 * cosine, scores))
+    assert similarity_mse_loss(torch.tensor([1.0, 0.0, 0.5]), torch.tensor([5.0, 0.0, 2.5])).item() == 0.0
 
 
 # ---------------------------------------------------------------------------------------------
