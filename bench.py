@@ -17,13 +17,17 @@ Sections:
   memory     peak memory of each, one fresh process per contender (see `memory_probe`).
 A last table checks the project's speed targets.
 
-How it is timed: the contenders of a measurement take turns, round after round, on the same
-batches, in one process with the same threads; a measurement is the median round, after a
-warm-up round. A load spike on a shared machine slows all contenders of a round alike, so the
-ratios stay fair even when the absolute numbers do not. On CUDA the encoder runs under bf16
+How it is timed: the contenders take turns on every batch (every step, for the epoch), round
+after round, in one process with the same threads and the same batches; a batch's time is its
+median round, after a warm-up. A load spike then slows one contender's step, not its whole
+measurement, so ratios stay fair on a shared machine even when absolute numbers do not. One thing
+turn-taking cannot fix: when torch's threads outnumber the idle cores, every parallel region waits
+for a thread that is not running, and many small ops (small batches) suffer far more than a few
+big ones. On a busy machine, compare with OMP_NUM_THREADS=1. On CUDA the encoder runs under bf16
 autocast and every timing is bracketed by torch.cuda.synchronize().
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -95,6 +99,19 @@ def time_in_turns(contenders, rounds, device, warmup=1):
             sync(device)
             seconds[name].append(time.perf_counter() - start)
     return {name: statistics.median(s) for name, s in seconds.items()}
+
+
+def time_batches_in_turns(contenders, batches, rounds, device):
+    """{name: seconds for all batches} for contenders {name: fn(list of batches)}. The contenders
+    take turns on every batch, so a load spike lasting one step hits one step, not one contender;
+    each batch's time is its median over the rounds."""
+    total = dict.fromkeys(contenders, 0.0)
+    for i, batch in enumerate(batches):
+        seconds = time_in_turns({name: functools.partial(fn, [batch]) for name, fn in contenders.items()},
+                                rounds, device, warmup=1 if i == 0 else 0)
+        for name, s in seconds.items():
+            total[name] += s
+    return total
 
 
 def print_table(title, header, rows):
@@ -187,13 +204,13 @@ def bench_encoder(args, datas, checkpoint):
         n_tokens = sum(b["input_ids"].numel() for b in batches)
         for model, _ in encoders.values():
             model.eval()
-        forward = time_in_turns({name.split(" +")[0]: lambda m=m: encoder_forward(m, batches, args.device)
-                                 for name, (m, _) in encoders.items() if not name.endswith("fused")},
-                                args.rounds, args.device)
+        forward = time_batches_in_turns({name.split(" +")[0]: functools.partial(encoder_forward, m, device=args.device)
+                                         for name, (m, _) in encoders.items() if not name.endswith("fused")},
+                                        batches, args.rounds, args.device)
         for model, _ in encoders.values():
             model.train()  # dropout on, as in training
-        train = time_in_turns({name: lambda m=m, o=o: encoder_train_steps(m, o, batches, args.device)
-                               for name, (m, o) in encoders.items()}, args.rounds, args.device)
+        train = time_batches_in_turns({name: functools.partial(encoder_train_steps, m, o, device=args.device)
+                                       for name, (m, o) in encoders.items()}, batches, args.rounds, args.device)
         for mode, seconds in (("forward", forward), ("train step", train)):
             ours = seconds[next(iter(seconds))]
             for name, s in seconds.items():
@@ -296,7 +313,7 @@ def naive_training_steps(examples, checkpoint, device, batch_size=8, seed=0):
 
 def bench_epoch(args, checkpoint):
     examples = tasks.read_examples(args.data_dir, "sst", "train", report=lambda _: None)
-    n_steps, block = (6, 3) if args.quick else (30, 5)
+    n_steps = 6 if args.quick else 30
     start = time.perf_counter()
     data = tasks.TaskData("sst", examples, BertTokenizer.from_pretrained(checkpoint), max_length=128)
     tokenise_s = time.perf_counter() - start  # ours pays this once, before the first epoch
@@ -306,11 +323,11 @@ def bench_epoch(args, checkpoint):
     for step in pipelines.values():  # warm-up
         step()
     n_examples, seconds = dict.fromkeys(pipelines, 0), dict.fromkeys(pipelines, 0.0)
-    for _ in range(n_steps // block):  # blocks of steps, taking turns
+    for _ in range(n_steps):  # the pipelines take turns, step by step
         for name, step in pipelines.items():
             sync(args.device)
             start = time.perf_counter()
-            n_examples[name] += sum(step() for _ in range(block))
+            n_examples[name] += step()
             sync(args.device)
             seconds[name] += time.perf_counter() - start
     speed = {name: n_examples[name] / seconds[name] for name in pipelines}
