@@ -22,8 +22,20 @@ metrics.jsonl); MAX_BAD_STEPS_IN_A_ROW such steps stop the run. last.pt (weights
 position in the epoch's plan, RNG states, the run's flags) is replaced atomically at the end of
 every epoch and every --save_every steps; `--resume` continues from it and ends with the same
 weights, bit for bit on the same CPU, as a run that was never stopped.
+
+Data parallel. Under torchrun, N processes (ranks) train one model together, on N GPUs (nccl)
+or on the CPU (gloo):
+
+    torchrun --nproc_per_node 4 train.py --loss gls --sampler roundrobin --data_dir ../shared/data
+
+Every rank builds the same epoch plan from (seed, epoch) and takes every N-th example of each of
+the step's batches, so a step sees the same global batch (--batch_size per task) as one process
+does, and the ranks' gradients add up to one process's gradient on it (see global_means). Each
+rank evaluates every N-th dev batch and the predictions are gathered. Rank 0 alone prints and
+writes files; every rank must see --out_dir (one machine, or a shared file system).
 """
 import argparse
+import atexit
 import json
 import math
 import os
@@ -33,6 +45,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import losses
@@ -43,6 +56,7 @@ from bert import BertConfig, BertModel, CheckpointError, default_checkpoint_path
 from tokenizer import BertTokenizer
 
 MAX_BAD_STEPS_IN_A_ROW = 20  # non-finite steps skipped in a row before the run is stopped
+RANK, WORLD_SIZE = 0, 1  # this process and the number of processes; set under torchrun by start_distributed
 
 
 class RunError(RuntimeError):
@@ -255,20 +269,120 @@ def task_loss(task, outputs, labels):
     return losses.cross_entropy_loss(outputs, labels)
 
 
+# ----------------------------------------------------------------------------- data parallel (torchrun)
+
+def start_distributed(choice):
+    """The device this process runs on. Under torchrun (RANK, WORLD_SIZE and LOCAL_RANK in the
+    environment) also join the process group, once per process (a later main() call reuses it):
+    nccl on CUDA, with one GPU per local rank; gloo on CPU."""
+    global RANK, WORLD_SIZE
+    device = pick_device(choice)
+    if "RANK" not in os.environ:
+        RANK, WORLD_SIZE = 0, 1
+        return device
+    if device.type == "cuda":
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if local_rank >= torch.cuda.device_count():
+            raise RunError(f"LOCAL_RANK {local_rank}, but this machine has {torch.cuda.device_count()} CUDA "
+                           "device(s): start at most that many processes per node (--nproc_per_node)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(dist.destroy_process_group)
+    RANK, WORLD_SIZE = dist.get_rank(), dist.get_world_size()
+    return device
+
+
+def barrier():
+    if WORLD_SIZE > 1:
+        dist.barrier()
+
+
+def log(message):
+    """A line on stdout that leaves the progress bar intact; rank 0 alone speaks."""
+    if RANK == 0:
+        tqdm.write(message)
+
+
+def shard(indices):
+    """This rank's part of one global batch, and its share of the batch: indices[RANK::WORLD_SIZE].
+    A batch smaller than the number of ranks leaves some ranks nothing; such a rank takes the
+    batch's first example with share 0, so that every rank still runs the same forwards and
+    backwards (the same parameters get gradients, and the collectives match up)."""
+    mine = indices[RANK::WORLD_SIZE]
+    if not mine:
+        return indices[:1], 0.0
+    return mine, len(mine) / len(indices)
+
+
+def global_means(local_means, shares):
+    """{task: this rank's batch mean} -> {task: the global batch's mean}, whose value is the same
+    on every rank and whose gradient is this rank's part of the global mean's gradient.
+
+    With n_r of a task's B examples on rank r, and m_r their mean, the global batch mean is
+        M = sum_r (n_r / B) m_r,  so  dM/dθ = sum_r (n_r / B) dm_r/dθ.
+    Each rank all-reduces the values (n_r / B) m_r to get M, and returns M + (n_r / B)(m_r - m_r),
+    with the second m_r detached: its value is exactly M, its gradient is rank r's term of dM/dθ.
+    A combined loss C(M_1, .., M_n) computed from these is then the same number on every rank, and
+    its backward gives dC/dM_t (at the global M, as GLS and FLS need) times rank r's terms; summing
+    the ranks' gradients (all_reduce_gradients) gives exactly one process's gradient of C on the
+    global batch, however unevenly the batch was split. (Averaging per-rank gradients of C(m_r)
+    would not: GLS and FLS are nonlinear in the task losses, and the shards need not be equal.)
+    Non-finite values stay non-finite in M, so every rank skips the same steps."""
+    if WORLD_SIZE == 1:
+        return local_means
+    totals = torch.stack([m.detach().float() * shares[task] for task, m in local_means.items()])
+    dist.all_reduce(totals)
+    return {task: total + shares[task] * (m - m.detach()) for (task, m), total in zip(local_means.items(), totals)}
+
+
+@torch.no_grad()
+def all_reduce_gradients(params):
+    """Sum every gradient over the ranks (each rank's already carries only its share, see
+    global_means), through one flat buffer: one collective per step, not one per tensor.
+
+    A manual all-reduce rather than DistributedDataParallel: a step here runs several forwards
+    (one per task, and SMART's clean, ascent, perturbed and teacher passes) before its one
+    backward, which DDP's per-forward gradient hooks do not expect; one all-reduce after the
+    backward is correct for any number of forwards, at the cost of not overlapping the
+    communication with the backward pass. Every rank runs the same tasks (see shard), so the
+    same parameters have gradients, in the same order, on every rank."""
+    if WORLD_SIZE == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    for grad, summed in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(summed.view_as(grad))
+
+
+def gathered(obj):
+    """[every rank's obj], in rank order (all ranks must call it)."""
+    if WORLD_SIZE == 1:
+        return [obj]
+    objs = [None] * WORLD_SIZE
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
 # ----------------------------------------------------------------------------- evaluation and output
 
 @torch.no_grad()
 def predict(model, data, args, device):
-    """The head's predictions for every example of `data`, in file order."""
+    """The head's predictions for every example of `data`, in file order. Under torchrun each rank
+    predicts every WORLD_SIZE-th batch, and every rank gets all the predictions."""
     model.eval()
-    predicted = [None] * len(data)
-    for indices in data.ordered_batches(args.eval_batch_size):
+    predicted = {}
+    for indices in data.ordered_batches(args.eval_batch_size)[RANK::WORLD_SIZE]:
         batch = tasks.move_batch(data.batch(indices), device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             outputs = model(data.task, batch["inputs"])
-        for i, value in zip(indices, tasks.predictions_from_outputs(data.task, outputs.float()).tolist()):
-            predicted[i] = value
-    return predicted
+        predicted.update(zip(indices, tasks.predictions_from_outputs(data.task, outputs.float()).tolist()))
+    predicted = {i: value for part in gathered(predicted) for i, value in part.items()}
+    return [predicted[i] for i in range(len(data))]
 
 
 def evaluate(model, dev_data, args, device):
@@ -278,7 +392,9 @@ def evaluate(model, dev_data, args, device):
 
 
 def write_predictions(path, data, predicted):
-    """One CS224N leaderboard file: `id \\t Column ` header, then `id , prediction ` rows."""
+    """One CS224N leaderboard file: `id \\t Column ` header, then `id , prediction ` rows (rank 0 writes)."""
+    if RANK != 0:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -289,6 +405,8 @@ def write_predictions(path, data, predicted):
 
 
 def print_table(title, rows):
+    if RANK != 0:
+        return
     print(title)
     for name, value in rows:
         print(f"  {name:<10} {value:.4f}")
@@ -343,11 +461,23 @@ def new_progress():
             "history": []}                       # the records of metrics.jsonl, one per epoch
 
 
-def save_resumable(path, args, model, optimizer, regulariser, progress, device):
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "progress": progress,
-             "args": vars(args), "torch_rng": torch.get_rng_state()}
+def rng_states(device):
+    state = {"torch_rng": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def save_resumable(path, args, model, optimizer, regulariser, progress, device):
+    """Every rank calls it (each rank's RNG states are gathered: its dropout masks are its own);
+    rank 0 writes. The ranks' weights, optimizer and SMART states are the same: rank 0's are saved."""
+    ranks_rng = gathered(rng_states(device))
+    if RANK != 0:
+        return
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "progress": progress,
+             "args": vars(args), **ranks_rng[0]}
+    if WORLD_SIZE > 1:
+        state["ranks_rng"] = ranks_rng
     if regulariser is not None:
         state["smart"] = regulariser.state_dict()
     save_atomically(state, path)
@@ -385,13 +515,18 @@ def resume(args, out_dir, model, optimizer, regulariser, device):
         optimizer.load_state_dict(state["optimizer"])
         if regulariser is not None:
             regulariser.load_state_dict(state.get("smart"))
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        ranks_rng = state.get("ranks_rng", [state])  # one entry per rank if saved under torchrun
+        rng = ranks_rng[RANK] if len(ranks_rng) == WORLD_SIZE else state
+        torch.set_rng_state(rng["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in rng:
+            torch.cuda.set_rng_state(rng["cuda_rng"], device)
+        if len(ranks_rng) != WORLD_SIZE and RANK > 0:  # another number of ranks: same batches, new dropout masks
+            torch.manual_seed(args.seed + RANK)
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise RunError(f"{path}: its optimizer or SMART state does not fit this run ({one_line(e)})") from None
     progress = state["progress"]
-    settle_run_files(out_dir, progress)
+    if RANK == 0:  # the others wait for it at main's barrier
+        settle_run_files(out_dir, progress)
     return progress
 
 
@@ -444,10 +579,9 @@ def one_line(error):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = pick_device(args.device)
+    device = start_distributed(args.device)
     torch.manual_seed(args.seed)
     out_dir = Path(args.out_dir)
-    log = tqdm.write
 
     # Everything a user can get wrong is checked, and all input read, before out_dir is touched.
     checkpoint_dir = Path(args.bert) if args.bert else default_checkpoint_path()
@@ -459,18 +593,23 @@ def main(argv=None):
     test_data = {t: load_split(args, tokenizer, t, "test-student", args.eval_limit, log) for t in args.tasks}
     train_data = {} if args.eval_only else {t: load_split(args, tokenizer, t, "train", args.limit, log)
                                             for t in args.tasks}
-    model = build_model(args, checkpoint_dir, device)
+    model = build_model(args, checkpoint_dir, device)  # the same seed: the same weights on every rank
+    if RANK > 0:  # but each rank its own dropout masks (and SMART noise); rank 0 keeps one process's
+        torch.manual_seed(args.seed + RANK)
 
     if args.eval_only:
         model.load_state_dict(load_model_state(args.checkpoint, model))
     else:
         optimizer, regulariser = build_optimizer(args, model), build_regulariser(args, model)
         progress = resume(args, out_dir, model, optimizer, regulariser, device) if args.resume else new_progress()
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
+        barrier()  # every rank has checked out_dir and read last.pt before rank 0 writes there
+        if RANK == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
         if args.resume:
-            tqdm.write(f"resuming from {out_dir / 'last.pt'}: epoch {progress['epoch'] + 1}, step {progress['step']}")
+            log(f"resuming from {out_dir / 'last.pt'}: epoch {progress['epoch'] + 1}, step {progress['step']}")
         train(args, model, optimizer, regulariser, progress, train_data, dev_data, device, out_dir)
+        barrier()  # rank 0 has written best.pt
         model.load_state_dict(load_model_state(out_dir / "best.pt", model))
 
     scores, overall = evaluate(model, dev_data, args, device)
@@ -480,23 +619,30 @@ def main(argv=None):
         write_predictions(out_dir / "predictions" / f"{task}-test-output.csv", test_data[task],
                           predict(model, test_data[task], args, device))
     print_table("best model, dev:", [*scores.items(), ("overall", overall)])
-    print(f"predictions written to {out_dir / 'predictions'}")
+    log(f"predictions written to {out_dir / 'predictions'}")
     return scores
 
 
-def training_step(args, model, optimizer, regulariser, params, batches, device):
-    """One optimizer step on one step's task batches. Returns the loss, or None when the loss or
-    a gradient is NaN or inf: then the step is skipped and the weights stay as they were."""
+def training_step(args, model, optimizer, regulariser, params, batches, shares, device):
+    """One optimizer step on one step's task batches (this rank's shards of them, and `shares`,
+    each shard's share of its global batch). Returns the loss, or None when the loss or a
+    gradient is NaN or inf: then the step is skipped and the weights stay as they were.
+
+    Under torchrun the task losses (and SMART's terms) become the global batch's means before
+    they are combined, and the gradients are summed over the ranks after the backward: see
+    global_means and all_reduce_gradients. The loss and the summed gradients are the same on every
+    rank, so every rank takes the same decision to skip or to step."""
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-        task_losses = {task: task_loss(task, model(task, b["inputs"]), b["labels"]).float()
-                       for task, b in batches.items()}
+        task_losses = global_means({task: task_loss(task, model(task, b["inputs"]), b["labels"]).float()
+                                    for task, b in batches.items()}, shares)
         loss = losses.combine_losses(task_losses, args.loss, args.focus)
         if regulariser is not None:
-            loss = loss + regulariser(batches)
+            loss = loss + smart_term(regulariser, batches, shares)
     if not torch.isfinite(loss):
         return None
     loss.backward()
+    all_reduce_gradients(params)
     try:  # with clipping off, an infinite max_norm still checks that the norm is finite
         optim.clip_grad_norm(params, args.clip_grad if args.clip_grad > 0 else math.inf)
     except optim.NonFiniteGradientError:
@@ -507,8 +653,17 @@ def training_step(args, model, optimizer, regulariser, params, batches, device):
     return loss.item()
 
 
+def smart_term(regulariser, batches, shares):
+    """regulariser(batches): the sum over the step's tasks of λ_s R_s + μ D_Breg, each a batch mean.
+    Under torchrun each task's term is made its global batch's mean first, as the task losses are."""
+    if WORLD_SIZE == 1:
+        return regulariser(batches)
+    return sum(global_means({task: regulariser({task: b}) for task, b in batches.items()}, shares).values())
+
+
 def train(args, model, optimizer, regulariser, progress, train_data, dev_data, device, out_dir):
-    """Train from `progress` (new_progress() or what resume() returned) to the end of the last epoch."""
+    """Train from `progress` (new_progress() or what resume() returned) to the end of the last epoch.
+    Every rank runs this loop over the same plan; rank 0 alone writes files."""
     params = [p for p in model.parameters() if p.requires_grad]
     last = out_dir / "last.pt"
     checkpoint = lambda: save_resumable(last, args, model, optimizer, regulariser, progress, device)
@@ -518,17 +673,19 @@ def train(args, model, optimizer, regulariser, progress, train_data, dev_data, d
         model.train()
         started = time.time()
         bar = tqdm(range(progress["step"], len(plan)), desc=f"epoch {epoch + 1}/{args.epochs}", total=len(plan),
-                   initial=progress["step"], dynamic_ncols=True, file=sys.stderr)
+                   initial=progress["step"], dynamic_ncols=True, file=sys.stderr, disable=RANK != 0)
         for step in bar:
-            batches = {task: tasks.move_batch(train_data[task].batch(indices), device)
-                       for task, indices in plan[step].items()}
-            loss = training_step(args, model, optimizer, regulariser, params, batches, device)
+            batches, shares = {}, {}
+            for task, indices in plan[step].items():
+                mine, shares[task] = shard(indices)
+                batches[task] = tasks.move_batch(train_data[task].batch(mine), device)
+            loss = training_step(args, model, optimizer, regulariser, params, batches, shares, device)
             progress["step"] = step + 1
             if loss is None:
                 progress["skipped"] += 1
                 progress["bad_in_a_row"] += 1
-                tqdm.write(f"epoch {epoch + 1}, step {step}: non-finite loss or gradient, step skipped "
-                           f"({progress['skipped']} so far)")
+                log(f"epoch {epoch + 1}, step {step}: non-finite loss or gradient, step skipped "
+                    f"({progress['skipped']} so far)")
                 if progress["bad_in_a_row"] >= MAX_BAD_STEPS_IN_A_ROW:
                     raise RunError(f"{progress['bad_in_a_row']} non-finite steps in a row (epoch {epoch + 1}, "
                                    f"step {step}): lower --lr or set --clip_grad")
@@ -553,11 +710,14 @@ def train(args, model, optimizer, regulariser, progress, train_data, dev_data, d
         improved = progress["best_epoch"] == 0 or score > progress["best"]
         if improved:
             progress["best"], progress["best_epoch"] = score, epoch + 1
-            save_atomically({"model": model.state_dict(), "epoch": epoch + 1, "dev": scores}, out_dir / "best.pt.new")
+            if RANK == 0:
+                save_atomically({"model": model.state_dict(), "epoch": epoch + 1, "dev": scores},
+                                out_dir / "best.pt.new")
         checkpoint()  # the commit point: from here on this epoch is done (see settle_run_files)
-        if improved:
-            os.replace(out_dir / "best.pt.new", out_dir / "best.pt")
-        write_metrics(out_dir, progress["history"])
+        if RANK == 0:
+            if improved:
+                os.replace(out_dir / "best.pt.new", out_dir / "best.pt")
+            write_metrics(out_dir, progress["history"])
 
 
 def cli():
