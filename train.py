@@ -88,6 +88,8 @@ def parse_args(argv=None):
     g.add_argument("--weight_decay", type=float, default=0.01)
     g.add_argument("--clip_grad", type=float, default=0.0, help="max global gradient L2 norm (0 = off)")
     g.add_argument("--hidden_dropout_prob", type=float, default=0.3, help="dropout in the encoder and heads")
+    g.add_argument("--pooling", choices=["mean", "cls"], default="mean",
+                   help="sentence vector the classification heads read: mean of the tokens, or BERT's [CLS] pooler")
     g.add_argument("--batch_size", type=int, default=8)
     g.add_argument("--epochs", type=int, default=10)
     g.add_argument("--seed", type=int, default=11711)
@@ -227,7 +229,7 @@ def load_split(args, tokenizer, task, split, limit, report):
 
 def build_model(args, checkpoint_dir, device):
     encoder = BertModel.from_pretrained(checkpoint_dir, hidden_dropout_prob=args.hidden_dropout_prob)
-    model = tasks.MultitaskBert(encoder, args.tasks, args.hidden_dropout_prob)
+    model = tasks.MultitaskBert(encoder, args.tasks, args.hidden_dropout_prob, args.pooling)
     if args.option == "pretrain":
         for param in model.encoder.parameters():
             param.requires_grad_(False)

@@ -62,7 +62,7 @@ def test_every_sampler_and_loss_strategy_trains(tmp_path, data_dir, sampler, los
 def test_single_task_pretrain_only_trains_the_head(tmp_path, data_dir):
     import torch
     out_dir, _ = run(tmp_path, data_dir, "--option", "pretrain", "--tasks", "cfimdb", "--limit", "16",
-                     "--eval_limit", "8", "--epochs", "1", "--max_length", "64")
+                     "--eval_limit", "8", "--epochs", "1", "--max_length", "64", "--pooling", "cls")
     from bert import BertModel, default_checkpoint_path
     state = torch.load(out_dir / "best.pt", weights_only=True)["model"]
     original = BertModel.from_pretrained(default_checkpoint_path()).state_dict()
