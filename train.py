@@ -388,9 +388,10 @@ def predict(model, data, args, device):
 
 
 def evaluate(model, dev_data, args, device):
-    scores = {task: tasks.task_score(task, predict(model, data, args, device), data.labels)
-              for task, data in dev_data.items()}
-    return scores, tasks.overall_score(scores)
+    """Dev scores per task, the overall score, and the predictions they were computed from."""
+    predicted = {task: predict(model, data, args, device) for task, data in dev_data.items()}
+    scores = {task: tasks.task_score(task, predicted[task], data.labels) for task, data in dev_data.items()}
+    return scores, tasks.overall_score(scores), predicted
 
 
 def write_predictions(path, data, predicted):
@@ -560,8 +561,8 @@ def settle_run_files(out_dir, progress):
 def saved_epoch(path):
     """The `epoch` field of a best.pt, read without loading its tensors (None if unreadable)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("epoch")
-    except Exception:
+        return load_checkpoint(path, mmap=True).get("epoch")
+    except (RunError, AttributeError):  # unreadable, or not a dict
         return None
 
 
@@ -614,10 +615,9 @@ def main(argv=None):
         barrier()  # rank 0 has written best.pt
         model.load_state_dict(load_model_state(out_dir / "best.pt", model))
 
-    scores, overall = evaluate(model, dev_data, args, device)
+    scores, overall, dev_predicted = evaluate(model, dev_data, args, device)
     for task in args.tasks:
-        write_predictions(out_dir / "predictions" / f"{task}-dev-output.csv", dev_data[task],
-                          predict(model, dev_data[task], args, device))
+        write_predictions(out_dir / "predictions" / f"{task}-dev-output.csv", dev_data[task], dev_predicted[task])
         write_predictions(out_dir / "predictions" / f"{task}-test-output.csv", test_data[task],
                           predict(model, test_data[task], args, device))
     print_table("best model, dev:", [*scores.items(), ("overall", overall)])
@@ -700,7 +700,7 @@ def train(args, model, optimizer, regulariser, progress, train_data, dev_data, d
                 checkpoint()
         bar.close()
 
-        scores, overall = evaluate(model, dev_data, args, device)
+        scores, overall, _ = evaluate(model, dev_data, args, device)
         record = {"epoch": epoch + 1, "train_loss": progress["total_loss"] / max(progress["n_steps"], 1),
                   "dev": scores, "overall": overall, "seconds": round(time.time() - started, 1),
                   "skipped_steps": progress["skipped"]}
