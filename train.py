@@ -116,8 +116,9 @@ def parse_args(argv=None):
     g.add_argument("--compile", action="store_true", help="torch.compile the encoder (CUDA)")
     g.add_argument("--save_every", type=int, default=0, help="also save a resumable checkpoint every N steps")
     g.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt")
-    g.add_argument("--eval_only", action="store_true", help="evaluate --checkpoint and write predictions")
-    g.add_argument("--checkpoint", default=None, help="model checkpoint for --eval_only")
+    g.add_argument("--eval_only", action="store_true", help="evaluate --checkpoint (without it: the --bert "
+                   "checkpoint as it is, heads untrained) and write predictions")
+    g.add_argument("--checkpoint", default=None, help="model checkpoint (best.pt, last.pt) for --eval_only")
     args = p.parse_args(argv)
 
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -155,8 +156,9 @@ def parse_args(argv=None):
         p.error("--hidden_dropout_prob must lie in [0, 1)")
     if args.weight_decay < 0 or args.clip_grad < 0 or args.save_every < 0:
         p.error("--weight_decay, --clip_grad and --save_every cannot be negative")
-    if args.eval_only and not args.checkpoint:
-        p.error("--eval_only needs --checkpoint PATH")
+    if args.option == "pretrain" and args.tasks == ["sts"] and not args.eval_only:
+        p.error("--option pretrain --tasks sts has nothing to train: the STS head is the cosine of the frozen "
+                "encoder's embeddings (score the checkpoint as it is with --eval_only)")
     if args.checkpoint and not args.eval_only:
         p.error("--checkpoint is only read with --eval_only (to continue a run, use --resume)")
     if args.eval_only and args.resume:
@@ -581,6 +583,7 @@ def one_line(error):
 # ----------------------------------------------------------------------------- the run
 
 def main(argv=None):
+    started = time.time()
     args = parse_args(argv)
     device = start_distributed(args.device)
     torch.manual_seed(args.seed)
@@ -601,7 +604,8 @@ def main(argv=None):
         torch.manual_seed(args.seed + RANK)
 
     if args.eval_only:
-        model.load_state_dict(load_model_state(args.checkpoint, model))
+        if args.checkpoint:  # without one, the released encoder is scored as it is
+            model.load_state_dict(load_model_state(args.checkpoint, model))
     else:
         optimizer, regulariser = build_optimizer(args, model), build_regulariser(args, model)
         progress = resume(args, out_dir, model, optimizer, regulariser, device) if args.resume else new_progress()
@@ -621,6 +625,9 @@ def main(argv=None):
         write_predictions(out_dir / "predictions" / f"{task}-test-output.csv", test_data[task],
                           predict(model, test_data[task], args, device))
     print_table("best model, dev:", [*scores.items(), ("overall", overall)])
+    if RANK == 0:  # the run's summary, read by results/table.py; written last, so it marks a finished run
+        summary = {"dev": scores, "overall": overall, "seconds": round(time.time() - started, 1)}
+        (out_dir / "scores.json").write_text(json.dumps(summary) + "\n")
     log(f"predictions written to {out_dir / 'predictions'}")
     return scores
 

@@ -147,6 +147,8 @@ BAD_INPUTS = [
     ("--max_length 2", lambda t, d, b: ["--max_length", "2"], r"--max_length must be at least 3"),
     ("--resume with --eval_only", lambda t, d, b: ["--resume", "--eval_only", "--checkpoint", "best.pt"],
      r"--eval_only and --resume exclude each other"),
+    ("pretrain with only the weightless STS head", lambda t, d, b: ["--option", "pretrain", "--tasks", "sts"],
+     r"--option pretrain --tasks sts has nothing to train"),
     # data files
     ("no data folder", lambda t, d, b: ["--data_dir", str(t / "nowhere")], r"nowhere: data folder not found"),
     ("missing data file", lambda t, d, b: ["--data_dir", str(data_folder(t, d))],

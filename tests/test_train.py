@@ -75,3 +75,12 @@ def test_eval_only_reproduces_the_best_checkpoints_scores(tmp_path, data_dir):
     out_dir, scores = run(tmp_path, data_dir, *flags)
     _, again = run(tmp_path, data_dir, *flags, "--eval_only", "--checkpoint", str(out_dir / "best.pt"), name="eval")
     assert again == scores
+
+
+def test_eval_only_without_a_checkpoint_scores_the_encoder_as_released(tmp_path, data_dir):
+    # The STS head has no weights, so this is the checkpoint's zero-shot STS score (the study's
+    # "pretrain" row for STS); all-MiniLM-L6-v2 was trained for sentence similarity, so r is high.
+    out_dir, scores = run(tmp_path, data_dir, "--tasks", "sts", "--eval_only", "--eval_limit", "200")
+    assert scores["sts"] > 0.75
+    assert json.loads((out_dir / "scores.json").read_text())["dev"] == scores
+    assert len((out_dir / "predictions" / "sts-dev-output.csv").read_text().splitlines()) == 201

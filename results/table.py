@@ -1,0 +1,157 @@
+"""The README's results table, reproduced by one command.
+
+    python results/table.py --data_dir ../shared/data            # run every unfinished row, print the table
+    python results/table.py --data_dir ../shared/data --dry_run  # print the table of the finished rows only
+
+Every row is one train.py run with the flags below, in runs/table/<row name>; its log goes to
+runs/table/<row name>.log. A row whose run has written scores.json (train.py's last act) is
+finished and is not run again; a run that was stopped part-way is continued with --resume, so the
+script can be stopped and started again at any time, and the table can be filled over several
+sessions. Rows run one after another, on purpose: on a 2-core CPU two runs at once only slow
+each other down. The script adds `--save_every 500` to every run (it changes no result, only how
+much a stopped run loses).
+
+Each table cell is the dev score of the run's best epoch (the checkpoint train.py keeps, by the
+overall score); wall time is train.py's own count of training plus the dev pass of every epoch.
+"""
+import argparse
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (row name, what the row is, train.py flags); a row whose flags are ("epoch", N, "other row")
+# reads epoch N of the other row's run instead of running: without a learning-rate schedule the
+# first epoch of a longer run is exactly a one-epoch run with the same flags.
+SECTIONS = [
+    ("Single-task, the study's Table 1", [
+        ("sst-pretrain", "SST, pretrain (encoder frozen)", "--option pretrain --tasks sst --epochs 2"),
+        ("para-pretrain", "PARA, pretrain (encoder frozen)", "--option pretrain --tasks para --epochs 1"),
+        ("sts-pretrain", "STS, pretrain: the released encoder (the STS head has no weights)",
+         "--tasks sts --eval_only"),
+        ("sst-finetune", "SST, finetune", "--tasks sst --lr 5e-5 --epochs 1"),
+        ("para-finetune", "PARA, finetune", "--tasks para --lr 5e-5 --epochs 1"),
+        ("sts-finetune", "STS, finetune", "--tasks sts --lr 5e-5 --epochs 1"),
+        ("cfimdb-finetune", "CFIMDB, finetune (reviews cut at 256 tokens)",
+         "--tasks cfimdb --lr 5e-5 --epochs 2 --max_length 256"),
+    ]),
+    ("Multi-task: SST + PARA + STS, finetune, lr 5e-5", [
+        ("main", "the main run: GLS + round-robin, 2 epochs",
+         "--option finetune --loss gls --sampler roundrobin --lr 5e-5 --epochs 2"),
+        ("sum-sequential", "baseline: sum + sequential, AdamW, 1 epoch",
+         "--loss sum --sampler sequential --lr 5e-5 --epochs 1"),
+        ("gls-roundrobin", "GLS + round-robin, 1 epoch", ("epoch", 1, "main")),
+        ("gls-break", "GLS + break, 1 epoch", "--loss gls --sampler break --lr 5e-5 --epochs 1"),
+        ("fls-break", "FLS(para) + break, 1 epoch", "--loss fls --focus para --sampler break --lr 5e-5 --epochs 1"),
+        ("adabelief", "sum + sequential, AdaBelief, 1 epoch",
+         "--loss sum --sampler sequential --optimizer adabelief --lr 5e-5 --epochs 1"),
+        ("adabelief-clip", "sum + sequential, AdaBelief + clip 1.0, 1 epoch",
+         "--loss sum --sampler sequential --optimizer adabelief --clip_grad 1.0 --lr 5e-5 --epochs 1"),
+        ("proportional", "proportional sampling (alpha 1), 1 epoch",
+         "--sampler proportional --lr 5e-5 --epochs 1"),
+        ("fls-roundrobin", "FLS(para) + round-robin, 1 epoch",
+         "--loss fls --focus para --sampler roundrobin --lr 5e-5 --epochs 1"),
+    ]),
+    ("SST single-task sweeps, finetune, 1 epoch (dropout 0.3 and lr 5e-5 are the SST finetune row)", [
+        ("sst-lr1e-5", "lr 1e-5 (the study's default)", "--tasks sst --lr 1e-5 --epochs 1"),
+        ("sst-lr2e-5", "lr 2e-5", "--tasks sst --lr 2e-5 --epochs 1"),
+        ("sst-lr1e-4", "lr 1e-4", "--tasks sst --lr 1e-4 --epochs 1"),
+        ("sst-dropout0.1", "dropout 0.1", "--tasks sst --lr 5e-5 --hidden_dropout_prob 0.1 --epochs 1"),
+        ("sst-dropout0.5", "dropout 0.5", "--tasks sst --lr 5e-5 --hidden_dropout_prob 0.5 --epochs 1"),
+        ("sst-smart", "SMART (paper defaults), against the SST finetune row",
+         "--tasks sst --lr 5e-5 --epochs 1 --smart"),
+    ]),
+]
+TASKS = ("sst", "para", "sts")
+
+
+def run_row(name, flags, runs_dir, data_dir):
+    """Run (or continue) one row's train.py; a failed run stops the script with train.py's error."""
+    out_dir = runs_dir / name
+    if (out_dir / "scores.json").is_file():
+        return
+    argv = [sys.executable, "train.py", *shlex.split(flags), "--data_dir", str(data_dir), "--out_dir", str(out_dir)]
+    if "--eval_only" not in flags:
+        argv += ["--save_every", "500"]
+    if (out_dir / "last.pt").is_file():
+        argv.append("--resume")
+    elif out_dir.exists():  # stopped before its first checkpoint: nothing worth keeping
+        shutil.rmtree(out_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    print(f"running {name}: {shlex.join(argv[1:])}", file=sys.stderr, flush=True)
+    with open(runs_dir / f"{name}.log", "a") as log:
+        code = subprocess.call(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    if code != 0:
+        sys.exit(f"error: {name} failed (exit {code}); see {runs_dir / name}.log")
+
+
+def row_result(name, flags, runs_dir):
+    """(dev scores, overall, epochs, minutes) of a finished row, or None."""
+    if isinstance(flags, tuple):
+        _, epoch, other = flags
+        path = runs_dir / other / "metrics.jsonl"
+        records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+        if len(records) < epoch:
+            return None
+        record = records[epoch - 1]
+        return record["dev"], record["overall"], epoch, sum(r["seconds"] for r in records[:epoch]) / 60
+    out_dir = runs_dir / name
+    if not (out_dir / "scores.json").is_file():
+        return None
+    summary = json.loads((out_dir / "scores.json").read_text())
+    metrics = out_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    seconds = sum(r["seconds"] for r in records) if records else summary["seconds"]
+    return summary["dev"], summary["overall"], len(records), seconds / 60
+
+
+def markdown_table(runs_dir):
+    lines = []
+    for title, rows in SECTIONS:
+        lines += ["", f"**{title}**", "",
+                  "| run | epochs | SST acc | PARA acc | STS r | overall | wall (min) | command |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for name, label, flags in rows:
+            result = row_result(name, flags, runs_dir)
+            command = (f"epoch {flags[1]} of the `{flags[2]}` row" if isinstance(flags, tuple)
+                       else f"`python train.py {flags} --data_dir ../shared/data`")
+            if result is None:
+                lines.append(f"| {label} | | not run yet | | | | | {command} |")
+                continue
+            dev, overall, epochs, minutes = result
+            cells = [f"{dev[t]:.3f}" if t in dev else "–" for t in TASKS]
+            if "cfimdb" in dev:
+                cells[0] = f"CFIMDB {dev['cfimdb']:.3f}"
+            lines.append(f"| {label} | {epochs or '–'} | {' | '.join(cells)} | {overall:.3f} | {minutes:.1f} "
+                         f"| {command} |")
+    return "\n".join(lines[1:])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", default="data", help="folder with the CS224N task files")
+    p.add_argument("--runs_dir", default="runs/table", help="where the rows' runs go")
+    p.add_argument("--only", default=None, help="comma list of row names to run, in this order (default: every row)")
+    p.add_argument("--dry_run", action="store_true", help="run nothing, print the table of finished rows")
+    args = p.parse_args()
+    runs_dir, data_dir = (ROOT / args.runs_dir).resolve(), Path(args.data_dir).resolve()
+    names = [name for _, rows in SECTIONS for name, _, _ in rows]
+    only = names if args.only is None else args.only.split(",")
+    unknown = sorted(set(only) - set(names))
+    if unknown:
+        p.error(f"unknown row {unknown[0]!r}; rows: {', '.join(names)}")
+    flags_of = {name: flags for _, rows in SECTIONS for name, _, flags in rows}
+    if not args.dry_run:
+        for name in only:  # in the order given
+            if isinstance(flags_of[name], str):
+                run_row(name, flags_of[name], runs_dir, data_dir)
+    print(markdown_table(runs_dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Specification of results/table.py: every row's flags are flags train.py accepts, and the table
+is read from the runs' own files (scores.json, metrics.jsonl), rows without a run marked as such."""
+import importlib.util
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+
+import train
+
+spec = importlib.util.spec_from_file_location("table", Path(__file__).resolve().parent.parent / "results" / "table.py")
+table = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(table)
+ROWS = [row for _, rows in table.SECTIONS for row in rows]
+
+
+@pytest.mark.parametrize("name,label,flags", ROWS, ids=[row[0] for row in ROWS])
+def test_every_row_is_a_valid_train_command(name, label, flags):
+    if isinstance(flags, tuple):  # ("epoch", N, other row): that row must exist and run N epochs or more
+        _, epoch, other = flags
+        other_flags = dict((n, f) for n, _, f in ROWS)[other]
+        assert train.parse_args(shlex.split(other_flags)).epochs >= epoch
+    else:
+        train.parse_args(shlex.split(flags))
+
+
+def test_row_names_are_unique():
+    names = [name for name, _, _ in ROWS]
+    assert len(names) == len(set(names))
+
+
+def test_the_table_reads_finished_runs_and_marks_the_others(tmp_path):
+    main = tmp_path / "main"
+    main.mkdir()
+    history = [{"epoch": 1, "dev": {"sst": 0.4, "para": 0.7, "sts": 0.8}, "overall": 0.5, "seconds": 60.0},
+               {"epoch": 2, "dev": {"sst": 0.5, "para": 0.8, "sts": 0.9}, "overall": 0.6, "seconds": 120.0}]
+    (main / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    (main / "scores.json").write_text(json.dumps({"dev": history[1]["dev"], "overall": 0.6, "seconds": 200.0}))
+    lines = table.markdown_table(tmp_path).splitlines()
+    main_row = next(line for line in lines if line.startswith("| the main run"))
+    assert "| 2 | 0.500 | 0.800 | 0.900 | 0.600 | 3.0 |" in main_row
+    first_epoch = next(line for line in lines if line.startswith("| GLS + round-robin, 1 epoch"))
+    assert "| 1 | 0.400 | 0.700 | 0.800 | 0.500 | 1.0 |" in first_epoch
+    assert sum("not run yet" in line for line in lines) == len(ROWS) - 2
