@@ -12,7 +12,8 @@ each other down. The script adds `--save_every 500` to every run (it changes no 
 much a stopped run loses).
 
 Each table cell is the dev score of the run's best epoch (the checkpoint train.py keeps, by the
-overall score); wall time is train.py's own count of training plus the dev pass of every epoch.
+overall score; the overall column is left empty for single-task rows); wall time is train.py's
+own count of training plus the dev pass of every epoch.
 """
 import argparse
 import json
@@ -126,7 +127,8 @@ def markdown_table(runs_dir):
             cells = [f"{dev[t]:.3f}" if t in dev else "–" for t in TASKS]
             if "cfimdb" in dev:
                 cells[0] = f"CFIMDB {dev['cfimdb']:.3f}"
-            lines.append(f"| {label} | {epochs or '–'} | {' | '.join(cells)} | {overall:.3f} | {minutes:.1f} "
+            overall = f"{overall:.3f}" if len(dev) > 1 else "–"  # one task: its own score is the row
+            lines.append(f"| {label} | {epochs or '–'} | {' | '.join(cells)} | {overall} | {minutes:.1f} "
                          f"| {command} |")
     return "\n".join(lines[1:])
 
