@@ -627,7 +627,8 @@ def main(argv=None):
     print_table("best model, dev:", [*scores.items(), ("overall", overall)])
     if RANK == 0:  # the run's summary, read by results/table.py; written last, so it marks a finished run
         summary = {"dev": scores, "overall": overall, "seconds": round(time.time() - started, 1)}
-        (out_dir / "scores.json").write_text(json.dumps(summary) + "\n")
+        (out_dir / "scores.json.tmp").write_text(json.dumps(summary) + "\n")
+        os.replace(out_dir / "scores.json.tmp", out_dir / "scores.json")
     log(f"predictions written to {out_dir / 'predictions'}")
     return scores
 
