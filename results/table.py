@@ -90,12 +90,17 @@ def run_row(name, flags, runs_dir, data_dir):
         sys.exit(f"error: {name} failed (exit {code}); see {runs_dir / name}.log")
 
 
+def epoch_records(out_dir):
+    """The run's metrics.jsonl, one record per finished epoch ([] before the first)."""
+    path = out_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
 def row_result(name, flags, runs_dir):
     """(dev scores, overall, epochs, minutes) of a finished row, or None."""
     if isinstance(flags, tuple):
         _, epoch, other = flags
-        path = runs_dir / other / "metrics.jsonl"
-        records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+        records = epoch_records(runs_dir / other)
         if len(records) < epoch:
             return None
         record = records[epoch - 1]
@@ -104,8 +109,7 @@ def row_result(name, flags, runs_dir):
     if not (out_dir / "scores.json").is_file():
         return None
     summary = json.loads((out_dir / "scores.json").read_text())
-    metrics = out_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    records = epoch_records(out_dir)
     seconds = sum(r["seconds"] for r in records) if records else summary["seconds"]
     return summary["dev"], summary["overall"], len(records), seconds / 60
 
@@ -142,12 +146,12 @@ def main():
     p.add_argument("--dry_run", action="store_true", help="run nothing, print the table of finished rows")
     args = p.parse_args()
     runs_dir, data_dir = (ROOT / args.runs_dir).resolve(), Path(args.data_dir).resolve()
-    names = [name for _, rows in SECTIONS for name, _, _ in rows]
+    flags_of = {name: flags for _, rows in SECTIONS for name, _, flags in rows}
+    names = list(flags_of)
     only = names if args.only is None else args.only.split(",")
     unknown = sorted(set(only) - set(names))
     if unknown:
         p.error(f"unknown row {unknown[0]!r}; rows: {', '.join(names)}")
-    flags_of = {name: flags for _, rows in SECTIONS for name, _, flags in rows}
     if not args.dry_run:
         for name in only:  # in the order given
             if isinstance(flags_of[name], str):
