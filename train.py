@@ -156,9 +156,6 @@ def parse_args(argv=None):
         p.error("--hidden_dropout_prob must lie in [0, 1)")
     if args.weight_decay < 0 or args.clip_grad < 0 or args.save_every < 0:
         p.error("--weight_decay, --clip_grad and --save_every cannot be negative")
-    if args.option == "pretrain" and args.tasks == ["sts"] and not args.eval_only:
-        p.error("--option pretrain --tasks sts has nothing to train: the STS head is the cosine of the frozen "
-                "encoder's embeddings (score the checkpoint as it is with --eval_only)")
     if args.checkpoint and not args.eval_only:
         p.error("--checkpoint is only read with --eval_only (to continue a run, use --resume)")
     if args.eval_only and args.resume:
@@ -243,6 +240,9 @@ def build_model(args, checkpoint_dir, device):
 
 def build_optimizer(args, model):
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:  # pretrain (encoder frozen) with only weightless heads: STS is a cosine
+        raise RunError(f"--option {args.option} --tasks {','.join(args.tasks)} has nothing to train: the encoder "
+                       "is frozen and these heads have no weights (score the checkpoint as it is with --eval_only)")
     if args.optimizer == "adamw":
         return optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     return optim.AdaBelief(params, lr=args.lr, weight_decay=args.weight_decay)
