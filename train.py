@@ -86,6 +86,9 @@ def parse_args(argv=None):
     g.add_argument("--optimizer", choices=["adamw", "adabelief"], default="adamw")
     g.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3 pretrain, 1e-5 finetune)")
     g.add_argument("--weight_decay", type=float, default=0.01)
+    g.add_argument("--fused_optimizer", action="store_true",
+                   help="compile the optimizer's update into one pass per tensor (torch.compile, a few seconds "
+                        "once; the step then costs about 1.4x torch's fused AdamW on CPU instead of 2.3x)")
     g.add_argument("--clip_grad", type=float, default=0.0, help="max global gradient L2 norm (0 = off)")
     g.add_argument("--hidden_dropout_prob", type=float, default=0.3, help="dropout in the encoder and heads")
     g.add_argument("--pooling", choices=["mean", "cls"], default="mean",
@@ -244,8 +247,8 @@ def build_optimizer(args, model):
         raise RunError(f"--option {args.option} --tasks {','.join(args.tasks)} has nothing to train: the encoder "
                        "is frozen and these heads have no weights (score the checkpoint as it is with --eval_only)")
     if args.optimizer == "adamw":
-        return optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    return optim.AdaBelief(params, lr=args.lr, weight_decay=args.weight_decay)
+        return optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=args.fused_optimizer)
+    return optim.AdaBelief(params, lr=args.lr, weight_decay=args.weight_decay, fused=args.fused_optimizer)
 
 
 def build_regulariser(args, model):
@@ -489,8 +492,8 @@ def save_resumable(path, args, model, optimizer, regulariser, progress, device):
 
 
 # Flags a resumed run may change; every other flag must be the one last.pt was saved with.
-MAY_CHANGE_ON_RESUME = {"epochs", "save_every", "device", "compile", "eval_batch_size", "data_dir", "bert",
-                        "out_dir", "resume", "eval_only", "checkpoint"}
+MAY_CHANGE_ON_RESUME = {"epochs", "save_every", "device", "compile", "fused_optimizer", "eval_batch_size", "data_dir",
+                        "bert", "out_dir", "resume", "eval_only", "checkpoint"}
 
 
 def check_out_dir(args, out_dir):

@@ -186,6 +186,58 @@ def test_rectified_adabelief_takes_sgd_momentum_steps_while_variance_is_unreliab
 
 
 # ---------------------------------------------------------------------------------------------
+# fused=True: the same update, compiled into one pass per tensor
+
+def compilations():
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("make_optimizer, reference_options", [
+    (lambda params, fused: AdamW(params, lr=1e-3, weight_decay=0.01, fused=fused), {"fused": True}),
+    (lambda params, fused: AdaBelief(params, lr=1e-3, weight_decay=0.01, fused=fused), None),
+    (lambda params, fused: AdaBelief(params, lr=1e-3, rectify=False, eps=1e-8, fused=fused), None),
+], ids=["AdamW", "AdaBelief", "AdaBelief,rectify=False,eps=1e-8"])
+def test_fused_update_takes_the_same_steps_as_the_foreach_one(sst_batch, initial_weights, make_optimizer,
+                                                              reference_options):
+    # Equal up to float rounding, not bit for bit: the compiled loop may contract a*b+c into one
+    # fused multiply-add. torch's own fused AdamW, which rounds differently again, is as far off.
+    foreach, fused = tiny_bert(initial_weights), tiny_bert(initial_weights)
+    train(foreach, make_optimizer(foreach.parameters(), fused=False), sst_batch)
+    optimizer = make_optimizer(fused.parameters(), fused=True)
+    train(fused, optimizer, sst_batch, steps=10)  # compiles (AdaBelief: after 5 SGD steps)
+    compiled = compilations()
+    train(fused, optimizer, sst_batch, steps=STEPS - 10)
+    assert compilations() == compiled  # every step t and every shape reuse the compiled code
+    assert_close_but_key_bias(fused, foreach)
+    if reference_options is not None:
+        torch_fused = tiny_bert(initial_weights)
+        train(torch_fused, torch.optim.AdamW(torch_fused.parameters(), lr=1e-3, weight_decay=0.01,
+                                             **reference_options), sst_batch)
+        assert_close_but_key_bias(torch_fused, foreach)
+
+
+def assert_close_but_key_bias(model, reference):
+    """Weights equal to 1e-5, except the attention key bias. Its gradient is rounding noise: a
+    query's scores q·(k_j + b) all shift by the same q·b, which softmax ignores. Adam divides the
+    noise by its own size, so any rounding difference grows into a step of full size there."""
+    hidden = model.config.hidden_size
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        if name.endswith("qkv.bias"):
+            a, b = (torch.cat([t[:hidden], t[2 * hidden:]]) for t in (a, b))  # query, value
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+def test_fused_adabelief_falls_back_to_foreach_where_it_has_no_kernel(sst_batch, initial_weights):
+    # amsgrad and L2 (coupled) weight decay have no compiled kernel: the foreach path runs, bit for bit.
+    for flags in (dict(amsgrad=True), dict(weight_decay=0.01, weight_decouple=False)):
+        foreach, fused = tiny_bert(initial_weights), tiny_bert(initial_weights)
+        train(foreach, AdaBelief(foreach.parameters(), lr=1e-3, **flags), sst_batch, steps=20)
+        train(fused, AdaBelief(fused.parameters(), lr=1e-3, fused=True, **flags), sst_batch, steps=20)
+        for a, b in zip(fused.parameters(), foreach.parameters()):
+            assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
 # Resuming from a saved optimizer state
 
 @pytest.mark.parametrize("make_optimizer", [

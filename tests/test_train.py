@@ -70,6 +70,15 @@ def test_single_task_pretrain_only_trains_the_head(tmp_path, data_dir):
     assert sorted(k for k in state if k.startswith("heads.")) == ["heads.cfimdb.bias", "heads.cfimdb.weight"]
 
 
+def test_fused_optimizer_trains_like_the_foreach_one(tmp_path, data_dir):
+    # optim.py's tests hold the two updates equal to float rounding; here train.py wires it in.
+    flags = ["--tasks", "sst", "--limit", "48", "--eval_limit", "48", "--epochs", "1", "--lr", "1e-4"]
+    foreach_dir, foreach = run(tmp_path, data_dir, *flags, name="foreach")
+    fused_dir, fused = run(tmp_path, data_dir, *flags, "--fused_optimizer", name="fused")
+    assert fused == foreach
+    assert read_metrics(fused_dir)[0]["train_loss"] == pytest.approx(read_metrics(foreach_dir)[0]["train_loss"], rel=1e-5)
+
+
 def test_eval_only_reproduces_the_best_checkpoints_scores(tmp_path, data_dir):
     flags = ["--tasks", "sst", "--limit", "16", "--eval_limit", "24", "--epochs", "1"]
     out_dir, scores = run(tmp_path, data_dir, *flags)
