@@ -578,6 +578,14 @@ def write_metrics(out_dir, history):
     os.replace(tmp, out_dir / "metrics.jsonl")
 
 
+def read_metrics(out_dir, without=()):
+    """The records of <out_dir>/metrics.jsonl, one per finished epoch ([] before the first),
+    without the fields named in `without` (tests drop the wall-clock "seconds")."""
+    path = Path(out_dir) / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return [{k: v for k, v in record.items() if k not in without} for record in records]
+
+
 def one_line(error):
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__

@@ -47,8 +47,7 @@ def tiny(tmp_path_factory, checkpoint_dir):
 
 def read_metrics(out_dir):
     """metrics.jsonl without the wall-clock 'seconds' field, which is the one thing allowed to differ."""
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+    return train.read_metrics(out_dir, without=("seconds",))
 
 
 

@@ -15,10 +15,6 @@ def run(tmp_path, data_dir, *flags, name="run"):
     return out_dir, scores
 
 
-def read_metrics(out_dir):
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def check_prediction_file(path, task, expected_ids):
     lines = path.read_text(encoding="utf-8").split("\n")
     assert lines[0] == f"id \t {tasks.PREDICTION_COLUMNS[task]} "
@@ -36,7 +32,7 @@ def check_prediction_file(path, task, expected_ids):
 def test_multitask_run_lowers_the_loss_and_writes_complete_predictions(tmp_path, data_dir):
     out_dir, scores = run(tmp_path, data_dir, "--limit", "48", "--eval_limit", "40", "--epochs", "3",
                           "--lr", "1e-4", "--loss", "gls", "--sampler", "roundrobin", "--hidden_dropout_prob", "0.1")
-    metrics = read_metrics(out_dir)
+    metrics = train.read_metrics(out_dir)
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
     assert set(scores) == {"sst", "para", "sts"}
@@ -53,7 +49,7 @@ def test_multitask_run_lowers_the_loss_and_writes_complete_predictions(tmp_path,
 def test_every_sampler_and_loss_strategy_trains(tmp_path, data_dir, sampler, loss):
     out_dir, scores = run(tmp_path, data_dir, "--limit", "16", "--eval_limit", "16", "--epochs", "1",
                           "--lr", "1e-4", "--loss", loss, "--sampler", sampler)
-    (record,) = read_metrics(out_dir)
+    (record,) = train.read_metrics(out_dir)
     assert record["skipped_steps"] == 0
     assert 0 < record["train_loss"] < 10
     assert set(scores) == {"sst", "para", "sts"}
@@ -76,7 +72,7 @@ def test_fused_optimizer_trains_like_the_foreach_one(tmp_path, data_dir):
     foreach_dir, foreach = run(tmp_path, data_dir, *flags, name="foreach")
     fused_dir, fused = run(tmp_path, data_dir, *flags, "--fused_optimizer", name="fused")
     assert fused == foreach
-    assert read_metrics(fused_dir)[0]["train_loss"] == pytest.approx(read_metrics(foreach_dir)[0]["train_loss"], rel=1e-5)
+    assert train.read_metrics(fused_dir)[0]["train_loss"] == pytest.approx(train.read_metrics(foreach_dir)[0]["train_loss"], rel=1e-5)
 
 
 def test_eval_only_reproduces_the_best_checkpoints_scores(tmp_path, data_dir):
