@@ -30,19 +30,20 @@ Surprises:
   adabelief-pytorch 0.2.1 with its defaults, so the two agree to float rounding.
 
 Both optimizers update all parameters with torch._foreach_* ops (one call per equation over a
-list of tensors), cut into cache-sized chunks on CPU; see `_cache_sized_chunks`. Each foreach op
-is one pass over memory, so a step makes about eight; torch's fused kernel makes one. With
-`fused=True` the same equations, written once more for a single tensor (`_adamw_one_pass`), are
-compiled by torch.compile into one loop per tensor. From `python bench.py --only optimizer`
-(22.7M MiniLM parameters, 2 threads, the 2-core CPU otherwise idle), ms a step:
+list of tensors), cut into cache-sized chunks on CPU; see `_cache_sized_chunks`. That is eight
+passes over each chunk and some 700 small calls a step, where torch's fused kernel makes one pass
+over each tensor. With `fused=True` the same equations, written once more for a single tensor
+(`_adamw_one_pass`), are compiled by torch.compile into one loop per tensor. From
+`python bench.py --only optimizer` (22.7M MiniLM parameters, 2 threads, the 2-core CPU otherwise
+idle), ms a step:
 
-  optim.AdamW 23.4, fused=True 14.1;  optim.AdaBelief 23.6, fused=True 14.2
-  torch.optim.AdamW 49.0 (default for-loop), 50.4 (foreach=True), 10.3 (fused=True)
+  optim.AdamW 23.2, fused=True 13.9;  optim.AdaBelief 23.4, fused=True 14.2
+  torch.optim.AdamW 47.6 (default for-loop), 43.5 (foreach=True), 10.0 (fused=True)
 
 so 2.3x torch's fused kernel eager and 1.4x compiled. What is left is the cost of ~100 separate
 calls, one per parameter tensor: compiling the foreach form over all lists at once measured 1.05x,
 but took 25 s to compile, and compiles again for every new list of shapes (another model, a
-frozen encoder), so the per-tensor form, compiled once for every shape, is the one kept.
+frozen encoder), so the per-tensor form, compiled once for all lengths, is the one kept.
 """
 import math
 
@@ -97,9 +98,10 @@ class AdamW(torch.optim.Optimizer):
     default (for-loop) and foreach implementations; its fused kernel rounds differently.
 
     `fused=True` runs the same update through torch.compile, one pass per tensor (see
-    `_adamw_one_pass`): about 1.3x torch's fused kernel on CPU instead of 2-3x, after a one-off
+    `_adamw_one_pass`): about 1.4x torch's fused kernel on CPU instead of 2.3x, after a one-off
     compilation of a few seconds, equal to the foreach path up to float rounding. It is an
-    attribute of the optimizer, not of its state: a saved state loads into either form.
+    attribute of the optimizer, not of its state: a saved state loads into either form. Made for
+    CPU; on CUDA torch's foreach kernels already batch the whole list, and this path is untried.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, fused=False):
@@ -322,17 +324,31 @@ _compiled = {}
 
 def _one_pass_each(update, tensors, coefficients):
     """Apply the compiled `update` to each parameter's tensors in turn. Contiguous tensors are
-    flattened, so that one compilation (dynamic in the length) serves every shape."""
+    flattened, so that one compilation (dynamic in the length) serves every shape; a tensor of
+    one element, another dtype or device, or a non-contiguous one costs one more."""
     if update not in _compiled:
         _compiled[update] = torch.compile(update, dynamic=True, fullgraph=True)
-    by_device = {}
+    by_kind = {}  # the coefficients in the parameters' own dtype and device, as eager ops would use them
     for theta, *rest in zip(*tensors):
-        c = by_device.get(theta.device)
+        c = by_kind.get((theta.dtype, theta.device))
         if c is None:
-            c = by_device[theta.device] = torch.tensor(coefficients, dtype=torch.float32, device=theta.device)
+            c = by_kind[theta.dtype, theta.device] = torch.tensor(coefficients, dtype=theta.dtype, device=theta.device)
         if all(t.is_contiguous() for t in (theta, *rest)):
             theta, rest = theta.view(-1), [t.view(-1) for t in rest]
         _compiled[update](theta, *rest, c)
+
+
+def compile_fused_update(optimizer):
+    """Compile a fused=True optimizer's update now, on a small stand-in for its first parameter,
+    rather than at the first step: a machine without a working C++ compiler then fails before
+    training starts. (The first real step may still compile a variant or two; no step after it.)"""
+    update = _adamw_one_pass if isinstance(optimizer, AdamW) else _adabelief_one_pass
+    like = optimizer.param_groups[0]["params"][0]
+    stand_in = lambda requires_grad=False: torch.zeros(64, dtype=like.dtype, device=like.device,
+                                                       requires_grad=requires_grad)
+    tensors = [[stand_in(like.requires_grad)], [stand_in()], [stand_in()], [stand_in()]]  # θ, g, and the moments
+    with torch.no_grad():  # as in step()
+        _one_pass_each(update, tensors, [1.0] * (7 if update is _adamw_one_pass else 8))
 
 
 CHUNK_NUMEL = 1 << 18  # 1 MiB of float32 per tensor; θ, g, m, v and a temporary fit in cache

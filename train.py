@@ -246,9 +246,16 @@ def build_optimizer(args, model):
     if not params:  # pretrain (encoder frozen) with only weightless heads: STS is a cosine
         raise RunError(f"--option {args.option} --tasks {','.join(args.tasks)} has nothing to train: the encoder "
                        "is frozen and these heads have no weights (score the checkpoint as it is with --eval_only)")
-    if args.optimizer == "adamw":
-        return optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=args.fused_optimizer)
-    return optim.AdaBelief(params, lr=args.lr, weight_decay=args.weight_decay, fused=args.fused_optimizer)
+    kind = optim.AdamW if args.optimizer == "adamw" else optim.AdaBelief
+    optimizer = kind(params, lr=args.lr, weight_decay=args.weight_decay, fused=args.fused_optimizer)
+    if args.fused_optimizer:
+        try:
+            optim.compile_fused_update(optimizer)
+        except Exception as error:  # whatever the compiler stack raises, the remedy is the same
+            raise RunError(f"--fused_optimizer: torch.compile could not build the update "
+                           f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                           "run without --fused_optimizer") from None
+    return optimizer
 
 
 def build_regulariser(args, model):

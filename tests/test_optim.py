@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bert import BertConfig, BertModel
+import optim
 from optim import AdaBelief, AdamW, NonFiniteGradientError, clip_grad_norm
 
 STEPS = 200
@@ -192,22 +193,32 @@ def compilations():
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """How many times a step took the compiled path (a list that grows by one each time)."""
+    calls, one_pass_each = [], optim._one_pass_each
+    monkeypatch.setattr(optim, "_one_pass_each", lambda *args: calls.append(1) or one_pass_each(*args))
+    return calls
+
+
 @pytest.mark.parametrize("make_optimizer, reference_options", [
     (lambda params, fused: AdamW(params, lr=1e-3, weight_decay=0.01, fused=fused), {"fused": True}),
     (lambda params, fused: AdaBelief(params, lr=1e-3, weight_decay=0.01, fused=fused), None),
     (lambda params, fused: AdaBelief(params, lr=1e-3, rectify=False, eps=1e-8, fused=fused), None),
 ], ids=["AdamW", "AdaBelief", "AdaBelief,rectify=False,eps=1e-8"])
 def test_fused_update_takes_the_same_steps_as_the_foreach_one(sst_batch, initial_weights, make_optimizer,
-                                                              reference_options):
+                                                              reference_options, fused_calls):
     # Equal up to float rounding, not bit for bit: the compiled loop may contract a*b+c into one
     # fused multiply-add. torch's own fused AdamW, which rounds differently again, is as far off.
     foreach, fused = tiny_bert(initial_weights), tiny_bert(initial_weights)
     train(foreach, make_optimizer(foreach.parameters(), fused=False), sst_batch)
+    assert not fused_calls
     optimizer = make_optimizer(fused.parameters(), fused=True)
     train(fused, optimizer, sst_batch, steps=10)  # compiles (AdaBelief: after 5 SGD steps)
     compiled = compilations()
     train(fused, optimizer, sst_batch, steps=STEPS - 10)
     assert compilations() == compiled  # every step t and every shape reuse the compiled code
+    assert len(fused_calls) >= STEPS - 5  # and they took the compiled path
     assert_close_but_key_bias(fused, foreach)
     if reference_options is not None:
         torch_fused = tiny_bert(initial_weights)
@@ -227,7 +238,7 @@ def assert_close_but_key_bias(model, reference):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
 
 
-def test_fused_adabelief_falls_back_to_foreach_where_it_has_no_kernel(sst_batch, initial_weights):
+def test_fused_adabelief_falls_back_to_foreach_where_it_has_no_kernel(sst_batch, initial_weights, fused_calls):
     # amsgrad and L2 (coupled) weight decay have no compiled kernel: the foreach path runs, bit for bit.
     for flags in (dict(amsgrad=True), dict(weight_decay=0.01, weight_decouple=False)):
         foreach, fused = tiny_bert(initial_weights), tiny_bert(initial_weights)
@@ -235,6 +246,7 @@ def test_fused_adabelief_falls_back_to_foreach_where_it_has_no_kernel(sst_batch,
         train(fused, AdaBelief(fused.parameters(), lr=1e-3, fused=True, **flags), sst_batch, steps=20)
         for a, b in zip(fused.parameters(), foreach.parameters()):
             assert torch.equal(a, b)
+    assert not fused_calls
 
 
 # ---------------------------------------------------------------------------------------------

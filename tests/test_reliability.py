@@ -354,6 +354,23 @@ def test_nan_on_every_step_stops_the_run_with_exit_status_2(tmp_path, data_dir, 
                                     "lower --lr or set --clip_grad")
 
 
+def test_fused_optimizer_that_cannot_compile_stops_before_training(tmp_path, data_dir, tiny, monkeypatch, capsys):
+    # What a machine without a C++ compiler does to torch.compile, simulated: the run must stop at
+    # once with one line, not with a traceback at the first step.
+    def no_compiler(optimizer):
+        raise RuntimeError("Compiler: cc is not found.\nlong diagnostics")
+    monkeypatch.setattr(train.optim, "compile_fused_update", no_compiler)
+    monkeypatch.setattr(sys, "argv", ["train.py", *tiny_run_flags(data_dir, tiny, tmp_path / "run"), "--fused_optimizer"])
+    with pytest.raises(SystemExit) as stopped:
+        train.cli()
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == ("error: --fused_optimizer: torch.compile could not build the update "
+                                    "(RuntimeError: Compiler: cc is not found.); run without --fused_optimizer")
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 # ----------------------------------------------------------------------------- resuming
 
 RUN = ["--tasks", "sst,sts", "--sampler", "roundrobin", "--smart", "--limit", "48", "--batch_size", "8",
