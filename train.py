@@ -86,6 +86,8 @@ def parse_args(argv=None):
     g.add_argument("--optimizer", choices=["adamw", "adabelief"], default="adamw")
     g.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3 pretrain, 1e-5 finetune)")
     g.add_argument("--weight_decay", type=float, default=0.01)
+    g.add_argument("--lr_schedule", choices=["constant", "linear"], default="constant",
+                   help="linear: the learning rate falls in a straight line from --lr to 0 over the run")
     g.add_argument("--fused_optimizer", action="store_true",
                    help="compile the optimizer's update into one pass per tensor (torch.compile, a few seconds "
                         "once; the step then costs about 1.4x torch's fused AdamW on CPU instead of 2.3x)")
@@ -174,6 +176,8 @@ def parse_args(argv=None):
 
 def run_name(args):
     name = f"{args.option}-{'+'.join(args.tasks)}-{args.loss}-{args.sampler}-{args.optimizer}-lr{args.lr:g}"
+    if args.lr_schedule != "constant":
+        name += f"-{args.lr_schedule}"
     if args.clip_grad:
         name += f"-clip{args.clip_grad:g}"
     if args.smart:
@@ -525,6 +529,9 @@ def resume(args, out_dir, model, optimizer, regulariser, device):
         if name in saved and saved[name] != now[name]:
             raise RunError(f"--resume: {path} was saved with --{name} {flag_text(saved[name])}, not "
                            f"{flag_text(now[name])}; resume with the run's own flags")
+    if now["lr_schedule"] != "constant" and saved.get("epochs") != now["epochs"]:
+        raise RunError(f"--resume: {path} was saved with --epochs {flag_text(saved.get('epochs'))}; with "
+                       f"--lr_schedule {now['lr_schedule']} the epochs set the schedule and cannot change")
     model.load_state_dict(checked_model_state(path, state["model"], model))
     try:
         optimizer.load_state_dict(state["optimizer"])
@@ -689,6 +696,16 @@ def smart_term(regulariser, batches, shares):
     return sum(global_means({task: regulariser({task: b}) for task, b in batches.items()}, shares).values())
 
 
+def set_learning_rate(args, optimizer, done):
+    """The step's learning rate, from the fraction of training `done` before it (0 at the first
+    step): --lr throughout, or with --lr_schedule linear --lr·(1 - done), the linear decay of BERT's
+    own recipe (Devlin et al. 2019), without its warm-up. A function of (epoch, step) alone, so a
+    resumed run steps with the same rates."""
+    lr = args.lr * (1 - done) if args.lr_schedule == "linear" else args.lr
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def train(args, model, optimizer, regulariser, progress, train_data, dev_data, device, out_dir):
     """Train from `progress` (new_progress() or what resume() returned) to the end of the last epoch.
     Every rank runs this loop over the same plan; rank 0 alone writes files."""
@@ -703,6 +720,7 @@ def train(args, model, optimizer, regulariser, progress, train_data, dev_data, d
         bar = tqdm(range(progress["step"], len(plan)), desc=f"epoch {epoch + 1}/{args.epochs}", total=len(plan),
                    initial=progress["step"], dynamic_ncols=True, file=sys.stderr, disable=RANK != 0)
         for step in bar:
+            set_learning_rate(args, optimizer, (epoch + step / len(plan)) / args.epochs)
             batches, shares = {}, {}
             for task, indices in plan[step].items():
                 mine, shares[task] = shard(indices)

@@ -75,6 +75,22 @@ def test_fused_optimizer_trains_like_the_foreach_one(tmp_path, data_dir):
     assert train.read_metrics(fused_dir)[0]["train_loss"] == pytest.approx(train.read_metrics(foreach_dir)[0]["train_loss"], rel=1e-5)
 
 
+def test_linear_schedule_lowers_the_learning_rate_to_nearly_zero(tmp_path, data_dir):
+    import torch
+    flags = ["--tasks", "sst", "--limit", "24", "--eval_limit", "8", "--max_length", "32", "--epochs", "2",
+             "--lr", "1e-4", "--lr_schedule", "linear"]
+    out_dir, _ = run(tmp_path, data_dir, *flags)  # 3 steps an epoch: the last step is 5 of 6 done
+    last = torch.load(out_dir / "last.pt", weights_only=True)
+    assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4 * (1 - 5 / 6))
+    constant_dir, _ = run(tmp_path, data_dir, *flags[:-2], name="constant")
+    constant = torch.load(constant_dir / "last.pt", weights_only=True)
+    assert constant["optimizer"]["param_groups"][0]["lr"] == 1e-4
+    assert not torch.equal(last["model"]["heads.sst.weight"], constant["model"]["heads.sst.weight"])
+    # the epochs set the schedule: a resumed run may not change them
+    with pytest.raises(train.RunError, match="--epochs 2; with --lr_schedule linear"):
+        run(tmp_path, data_dir, *flags[:-6], "--epochs", "3", *flags[-4:], "--resume")
+
+
 def test_eval_only_reproduces_the_best_checkpoints_scores(tmp_path, data_dir):
     flags = ["--tasks", "sst", "--limit", "16", "--eval_limit", "24", "--epochs", "1"]
     out_dir, scores = run(tmp_path, data_dir, *flags)
