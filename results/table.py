@@ -41,8 +41,9 @@ SECTIONS = [
          "--tasks cfimdb --lr 5e-5 --epochs 2 --max_length 256"),
     ]),
     ("Multi-task: SST + PARA + STS, finetune, lr 5e-5", [
-        ("main", "the main run: GLS + round-robin, 2 epochs",
-         "--option finetune --loss gls --sampler roundrobin --lr 5e-5 --epochs 2"),
+        ("main", "the main run: GLS + round-robin, 4 epochs (best: epoch 3)",
+         "--option finetune --loss gls --sampler roundrobin --lr 5e-5 --epochs 4"),
+        ("gls-roundrobin-2", "GLS + round-robin, 2 epochs", ("epoch", 2, "main")),
         ("sum-sequential", "baseline: sum + sequential, AdamW, 1 epoch",
          "--loss sum --sampler sequential --lr 5e-5 --epochs 1"),
         ("gls-roundrobin", "GLS + round-robin, 1 epoch", ("epoch", 1, "main")),
@@ -56,6 +57,8 @@ SECTIONS = [
          "--sampler proportional --lr 5e-5 --epochs 1"),
         ("fls-roundrobin", "FLS(para) + round-robin, 1 epoch",
          "--loss fls --focus para --sampler roundrobin --lr 5e-5 --epochs 1"),
+        ("main-linear", "GLS + round-robin, learning rate falling linearly to 0, 3 epochs",
+         "--option finetune --loss gls --sampler roundrobin --lr 5e-5 --epochs 3 --lr_schedule linear"),
     ]),
     ("SST single-task sweeps, finetune, 1 epoch (dropout 0.3 and lr 5e-5 are the SST finetune row)", [
         ("sst-lr1e-5", "lr 1e-5 (the study's default)", "--tasks sst --lr 1e-5 --epochs 1"),
