@@ -42,4 +42,6 @@ def test_the_table_reads_finished_runs_and_marks_the_others(tmp_path):
     assert "| 2 | 0.500 | 0.800 | 0.900 | 0.600 | 3.0 |" in main_row
     first_epoch = next(line for line in lines if line.startswith("| GLS + round-robin, 1 epoch"))
     assert "| 1 | 0.400 | 0.700 | 0.800 | 0.500 | 1.0 |" in first_epoch
-    assert sum("not run yet" in line for line in lines) == len(ROWS) - 2
+    second_epoch = next(line for line in lines if line.startswith("| GLS + round-robin, 2 epochs"))
+    assert "| 2 | 0.500 | 0.800 | 0.900 | 0.600 | 3.0 |" in second_epoch
+    assert sum("not run yet" in line for line in lines) == len(ROWS) - 3  # main and its two epoch rows
