@@ -344,14 +344,20 @@ def test_nan_loss_and_nan_gradient_steps_are_skipped_and_counted(tmp_path, data_
 def test_nan_on_every_step_stops_the_run_with_exit_status_2(tmp_path, data_dir, tiny, monkeypatch, capsys):
     monkeypatch.setattr(train, "MAX_BAD_STEPS_IN_A_ROW", 3)
     poison_task_loss(monkeypatch, nan_loss_steps=range(2, 10**6))
-    monkeypatch.setattr(sys, "argv", ["train.py", *tiny_run_flags(data_dir, tiny, tmp_path / "run")])
+    last_line = cli_error(monkeypatch, capsys, tiny_run_flags(data_dir, tiny, tmp_path / "run"))
+    assert last_line == "error: 3 non-finite steps in a row (epoch 1, step 4): lower --lr or set --clip_grad"
+
+
+def cli_error(monkeypatch, capsys, flags):
+    """Run `python train.py <flags>` in this process; it must stop with exit status 2 and no
+    traceback. Returns the last line it printed to stderr."""
+    monkeypatch.setattr(sys, "argv", ["train.py", *flags])
     with pytest.raises(SystemExit) as stopped:
         train.cli()
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert err.splitlines()[-1] == ("error: 3 non-finite steps in a row (epoch 1, step 4): "
-                                    "lower --lr or set --clip_grad")
+    return err.splitlines()[-1]
 
 
 def test_fused_optimizer_that_cannot_compile_stops_before_training(tmp_path, data_dir, tiny, monkeypatch, capsys):
@@ -360,14 +366,9 @@ def test_fused_optimizer_that_cannot_compile_stops_before_training(tmp_path, dat
     def no_compiler(optimizer):
         raise RuntimeError("Compiler: cc is not found.\nlong diagnostics")
     monkeypatch.setattr(train.optim, "compile_fused_update", no_compiler)
-    monkeypatch.setattr(sys, "argv", ["train.py", *tiny_run_flags(data_dir, tiny, tmp_path / "run"), "--fused_optimizer"])
-    with pytest.raises(SystemExit) as stopped:
-        train.cli()
-    assert stopped.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    assert err.splitlines()[-1] == ("error: --fused_optimizer: torch.compile could not build the update "
-                                    "(RuntimeError: Compiler: cc is not found.); run without --fused_optimizer")
+    last_line = cli_error(monkeypatch, capsys, [*tiny_run_flags(data_dir, tiny, tmp_path / "run"), "--fused_optimizer"])
+    assert last_line == ("error: --fused_optimizer: torch.compile could not build the update "
+                         "(RuntimeError: Compiler: cc is not found.); run without --fused_optimizer")
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
