@@ -257,8 +257,7 @@ def build_optimizer(args, model):
             optim.compile_fused_update(optimizer)
         except Exception as error:  # whatever the compiler stack raises, the remedy is the same
             raise RunError(f"--fused_optimizer: torch.compile could not build the update "
-                           f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
-                           "run without --fused_optimizer") from None
+                           f"({type(error).__name__}: {one_line(error)}); run without --fused_optimizer") from None
     return optimizer
 
 
