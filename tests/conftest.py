@@ -12,7 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-DATA_DIR = Path(os.environ.get("MINBERT_DATA_DIR", ROOT.parent / "shared" / "data"))
+# absolute: tests link to these files from temporary folders, where a relative link would dangle
+DATA_DIR = Path(os.environ.get("MINBERT_DATA_DIR", ROOT.parent / "shared" / "data")).resolve()
 
 
 @pytest.fixture(scope="session")
