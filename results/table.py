@@ -2,6 +2,7 @@
 
     python results/table.py --data_dir ../shared/data            # run every unfinished row, print the table
     python results/table.py --data_dir ../shared/data --dry_run  # print the table of the finished rows only
+    python results/table.py --dry_run --write_runs               # and save their flags and metrics (below)
 
 Every row is one train.py run with the flags below, in runs/table/<row name>; its log goes to
 runs/table/<row name>.log. A row whose run has written scores.json (train.py's last act) is
@@ -14,6 +15,10 @@ much a stopped run loses).
 Each table cell is the dev score of the run's best epoch (the checkpoint train.py keeps, by the
 overall score; the overall column is left empty for single-task rows); wall time is train.py's
 own count of training plus the dev pass of every epoch.
+
+results/table-runs.jsonl keeps, per finished row, what its run's own files say: the flags it ran
+with (args.json), its best dev scores and every epoch's record. The tests hold each row's command
+to those flags, so a changed default cannot silently change what an old row's command runs.
 """
 import argparse
 import json
@@ -26,66 +31,98 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # (row name, what the row is, train.py flags); a row whose flags are ("epoch", N, "other row")
-# reads epoch N of the other row's run instead of running: without a learning-rate schedule the
-# first epoch of a longer run is exactly a one-epoch run with the same flags.
+# reads epoch N of the other row's run instead of running: at a constant learning rate the first
+# epoch of a longer run is exactly a one-epoch run with the same flags (tests check the other row's
+# schedule). Rows run before a default changed pin the value they ran with, so that every printed
+# command still reproduces its row under today's defaults.
+B8, CONSTANT, LR5E5 = "--batch_size 8", "--lr_schedule constant", "--lr 5e-5"
+MAIN = "--option finetune --loss gls --sampler roundrobin"
 SECTIONS = [
-    ("Multi-task at the defaults: SST + PARA + STS, finetune, lr 5e-5, dropout 0.1", [
-        ("main", "the main command: GLS + round-robin, 3 epochs", "--option finetune --loss gls --sampler roundrobin"),
-        ("main-1", "the main command's epoch 1", ("epoch", 1, "main")),
-        ("main-seed1", "the main command with --seed 1, 1 epoch (seed noise)",
-         "--option finetune --loss gls --sampler roundrobin --epochs 1 --seed 1"),
-        ("fls-roundrobin-dropout0.1", "FLS(para) + round-robin, 3 epochs",
-         "--loss fls --focus para --sampler roundrobin --epochs 3"),
+    ("Multi-task at the defaults: SST + PARA + STS, finetune, batch 32, lr 1e-4 falling linearly to 0, "
+     "dropout 0.1", [
+        ("main", "the main command: GLS + round-robin, 3 epochs", MAIN),
+        ("main-5ep", "GLS + round-robin, 5 epochs", f"{MAIN} --epochs 5"),
     ]),
-    ("Single-task, the study's Table 1 (dropout 0.3, the study's)", [
+    ("Multi-task, batch 8, constant lr 5e-5, dropout 0.1 (the defaults before batch 32)", [
+        ("main-b8", "GLS + round-robin, 3 epochs", f"{MAIN} --epochs 3 {B8} {CONSTANT} {LR5E5}"),
+        ("main-b8-1", "GLS + round-robin, 3 epochs: its epoch 1", ("epoch", 1, "main-b8")),
+        ("main-b8-seed1", "GLS + round-robin with --seed 1, 1 epoch (seed noise)",
+         f"{MAIN} --epochs 1 --seed 1 {B8} {CONSTANT} {LR5E5}"),
+        ("fls-roundrobin-dropout0.1", "FLS(para) + round-robin, 3 epochs",
+         f"--loss fls --focus para --sampler roundrobin --epochs 3 {B8} {CONSTANT} {LR5E5}"),
+    ]),
+    ("Single-task, the study's Table 1 (batch 8, a constant rate and dropout 0.3, the study's; finetune lr 5e-5)", [
         ("sst-pretrain", "SST, pretrain (encoder frozen)",
-         "--option pretrain --tasks sst --epochs 2 --hidden_dropout_prob 0.3"),
+         f"--option pretrain --tasks sst --epochs 2 --hidden_dropout_prob 0.3 {B8} {CONSTANT}"),
         ("para-pretrain", "PARA, pretrain (encoder frozen)",
-         "--option pretrain --tasks para --epochs 1 --hidden_dropout_prob 0.3"),
+         f"--option pretrain --tasks para --epochs 1 --hidden_dropout_prob 0.3 {B8} {CONSTANT}"),
         ("sts-pretrain", "STS, pretrain: the released encoder (the STS head has no weights)",
          "--tasks sts --eval_only"),
-        ("sst-finetune", "SST, finetune", "--tasks sst --epochs 1 --hidden_dropout_prob 0.3"),
-        ("para-finetune", "PARA, finetune", "--tasks para --epochs 1 --hidden_dropout_prob 0.3"),
-        ("sts-finetune", "STS, finetune", "--tasks sts --epochs 1 --hidden_dropout_prob 0.3"),
+        ("sst-finetune", "SST, finetune",
+         f"--tasks sst --epochs 1 --hidden_dropout_prob 0.3 {B8} {CONSTANT} {LR5E5}"),
+        ("para-finetune", "PARA, finetune",
+         f"--tasks para --epochs 1 --hidden_dropout_prob 0.3 {B8} {CONSTANT} {LR5E5}"),
+        ("sts-finetune", "STS, finetune",
+         f"--tasks sts --epochs 1 --hidden_dropout_prob 0.3 {B8} {CONSTANT} {LR5E5}"),
         ("cfimdb-finetune", "CFIMDB, finetune (reviews cut at 256 tokens)",
-         "--tasks cfimdb --epochs 2 --max_length 256 --hidden_dropout_prob 0.3"),
+         f"--tasks cfimdb --epochs 2 --max_length 256 --hidden_dropout_prob 0.3 {B8} {CONSTANT} {LR5E5}"),
     ]),
-    ("Multi-task: SST + PARA + STS, finetune, lr 5e-5, dropout 0.3 (the study's)", [
+    ("Multi-task: SST + PARA + STS, finetune, batch 8, constant lr 5e-5, dropout 0.3 (the study's)", [
         ("gls-roundrobin-dropout0.3", "GLS + round-robin, 4 epochs (best: epoch 3)",
-         "--loss gls --sampler roundrobin --epochs 4 --hidden_dropout_prob 0.3"),
+         f"--loss gls --sampler roundrobin --epochs 4 --hidden_dropout_prob 0.3 {B8} {CONSTANT} {LR5E5}"),
         ("gls-roundrobin-dropout0.3-2", "GLS + round-robin, 2 epochs", ("epoch", 2, "gls-roundrobin-dropout0.3")),
         ("sum-sequential", "baseline: sum + sequential, AdamW, 1 epoch",
-         "--loss sum --sampler sequential --epochs 1 --hidden_dropout_prob 0.3"),
+         f"--loss sum --sampler sequential --epochs 1 --hidden_dropout_prob 0.3 {B8} {CONSTANT} {LR5E5}"),
         ("gls-roundrobin-dropout0.3-1", "GLS + round-robin, 1 epoch", ("epoch", 1, "gls-roundrobin-dropout0.3")),
-        ("gls-break", "GLS + break, 1 epoch", "--loss gls --sampler break --epochs 1 --hidden_dropout_prob 0.3"),
+        ("gls-break", "GLS + break, 1 epoch",
+         f"--loss gls --sampler break --epochs 1 --hidden_dropout_prob 0.3 {B8} {CONSTANT} {LR5E5}"),
         ("fls-break", "FLS(para) + break, 1 epoch",
-         "--loss fls --focus para --sampler break --epochs 1 --hidden_dropout_prob 0.3"),
+         f"--loss fls --focus para --sampler break --epochs 1 --hidden_dropout_prob 0.3 {B8} {CONSTANT} {LR5E5}"),
         ("adabelief", "sum + sequential, AdaBelief, 1 epoch",
-         "--loss sum --sampler sequential --optimizer adabelief --epochs 1 --hidden_dropout_prob 0.3"),
+         "--loss sum --sampler sequential --optimizer adabelief --epochs 1"
+         f" --hidden_dropout_prob 0.3 {B8} {CONSTANT} {LR5E5}"),
         ("adabelief-clip", "sum + sequential, AdaBelief + clip 1.0, 1 epoch",
-         "--loss sum --sampler sequential --optimizer adabelief --clip_grad 1.0 --epochs 1 --hidden_dropout_prob 0.3"),
+         "--loss sum --sampler sequential --optimizer adabelief --clip_grad 1.0 --epochs 1"
+         f" --hidden_dropout_prob 0.3 {B8} {CONSTANT} {LR5E5}"),
         ("proportional", "proportional sampling (alpha 1), 1 epoch",
-         "--sampler proportional --epochs 1 --hidden_dropout_prob 0.3"),
+         f"--sampler proportional --epochs 1 --hidden_dropout_prob 0.3 {B8} {CONSTANT} {LR5E5}"),
         ("fls-roundrobin", "FLS(para) + round-robin, 3 epochs",
-         "--loss fls --focus para --sampler roundrobin --epochs 3 --hidden_dropout_prob 0.3"),
+         "--loss fls --focus para --sampler roundrobin --epochs 3"
+         f" --hidden_dropout_prob 0.3 {B8} {CONSTANT} {LR5E5}"),
         ("fls-roundrobin-1", "FLS(para) + round-robin, 1 epoch", ("epoch", 1, "fls-roundrobin")),
         ("main-linear", "GLS + round-robin, learning rate falling linearly to 0, 3 epochs",
-         "--loss gls --sampler roundrobin --epochs 3 --lr_schedule linear --hidden_dropout_prob 0.3"),
+         f"--loss gls --sampler roundrobin --epochs 3 --lr_schedule linear --hidden_dropout_prob 0.3 {B8} {LR5E5}"),
     ]),
-    ("Single-task sweeps, finetune, 1 epoch (against the dropout 0.3, lr 5e-5 finetune rows)", [
-        ("sst-lr1e-5", "SST, lr 1e-5 (the study's)", "--tasks sst --lr 1e-5 --epochs 1 --hidden_dropout_prob 0.3"),
-        ("sst-lr2e-5", "SST, lr 2e-5", "--tasks sst --lr 2e-5 --epochs 1 --hidden_dropout_prob 0.3"),
-        ("sst-lr1e-4", "SST, lr 1e-4", "--tasks sst --lr 1e-4 --epochs 1 --hidden_dropout_prob 0.3"),
-        ("sst-dropout0.1", "SST, dropout 0.1", "--tasks sst --epochs 1"),
-        ("sst-dropout0.5", "SST, dropout 0.5", "--tasks sst --epochs 1 --hidden_dropout_prob 0.5"),
-        ("sst-dropout0", "SST, dropout 0", "--tasks sst --epochs 1 --hidden_dropout_prob 0"),
-        ("para-dropout0.1", "PARA, dropout 0.1", "--tasks para --epochs 1"),
-        ("sts-dropout0.1", "STS, dropout 0.1", "--tasks sts --epochs 1"),
-        ("sts-dropout0", "STS, dropout 0", "--tasks sts --epochs 1 --hidden_dropout_prob 0"),
-        ("sst-smart", "SST, SMART (paper defaults)", "--tasks sst --epochs 1 --smart --hidden_dropout_prob 0.3"),
+    ("Single-task sweeps, finetune, batch 8, constant lr, 1 epoch (against the dropout 0.3, lr 5e-5 rows)", [
+        ("sst-lr1e-5", "SST, lr 1e-5 (the study's)",
+         f"--tasks sst --lr 1e-5 --epochs 1 --hidden_dropout_prob 0.3 {B8} {CONSTANT}"),
+        ("sst-lr2e-5", "SST, lr 2e-5",
+         f"--tasks sst --lr 2e-5 --epochs 1 --hidden_dropout_prob 0.3 {B8} {CONSTANT}"),
+        ("sst-lr1e-4", "SST, lr 1e-4",
+         f"--tasks sst --lr 1e-4 --epochs 1 --hidden_dropout_prob 0.3 {B8} {CONSTANT}"),
+        ("sst-dropout0.1", "SST, dropout 0.1",
+         f"--tasks sst --epochs 1 {B8} {CONSTANT} {LR5E5}"),
+        ("sst-dropout0.5", "SST, dropout 0.5",
+         f"--tasks sst --epochs 1 --hidden_dropout_prob 0.5 {B8} {CONSTANT} {LR5E5}"),
+        ("sst-dropout0", "SST, dropout 0",
+         f"--tasks sst --epochs 1 --hidden_dropout_prob 0 {B8} {CONSTANT} {LR5E5}"),
+        ("para-dropout0.1", "PARA, dropout 0.1",
+         f"--tasks para --epochs 1 {B8} {CONSTANT} {LR5E5}"),
+        ("sts-dropout0.1", "STS, dropout 0.1",
+         f"--tasks sts --epochs 1 {B8} {CONSTANT} {LR5E5}"),
+        ("sts-dropout0", "STS, dropout 0",
+         f"--tasks sts --epochs 1 --hidden_dropout_prob 0 {B8} {CONSTANT} {LR5E5}"),
+        ("sst-smart", "SST, SMART (paper defaults)",
+         f"--tasks sst --epochs 1 --smart --hidden_dropout_prob 0.3 {B8} {CONSTANT} {LR5E5}"),
     ]),
 ]
 TASKS = ("sst", "para", "sts")
+RUNS_FILE = ROOT / "results" / "table-runs.jsonl"
+
+
+def row_command(flags):
+    """The command a row prints (and its saved run record names)."""
+    return f"python train.py {flags} --data_dir ../shared/data"
 
 
 def run_row(name, flags, runs_dir, data_dir):
@@ -141,7 +178,7 @@ def markdown_table(runs_dir):
         for name, label, flags in rows:
             result = row_result(name, flags, runs_dir)
             command = (f"epoch {flags[1]} of the `{flags[2]}` row" if isinstance(flags, tuple)
-                       else f"`python train.py {flags} --data_dir ../shared/data`")
+                       else f"`{row_command(flags)}`")
             if result is None:
                 lines.append(f"| {label} | | not run yet | | | | | {command} |")
                 continue
@@ -155,6 +192,38 @@ def markdown_table(runs_dir):
     return "\n".join(lines[1:])
 
 
+# Flags that say where and how fast a run went, not what it trained: left out of the saved args.
+NOT_TRAINING = {"data_dir", "out_dir", "bert", "device", "save_every", "resume", "checkpoint", "compile",
+                "fused_optimizer", "eval_batch_size"}
+# Flags added to train.py after some rows ran, with the value that does what those runs did.
+BEFORE_THE_FLAG = {"lr_schedule": "constant"}
+
+
+def runs_record(runs_dir, saved_before):
+    """One record per finished row with a run of its own: its command, the flags it ran with
+    (args.json, machine paths left out), the best model's dev scores and every epoch's record.
+    A row whose run is not in runs_dir keeps its record from `saved_before` (row name -> record):
+    runs/ is not part of the repository, and a fresh clone must not wipe the saved results."""
+    records = []
+    for _, rows in SECTIONS:
+        for name, label, flags in rows:
+            out_dir = runs_dir / name
+            if isinstance(flags, tuple):
+                continue
+            if not (out_dir / "scores.json").is_file():
+                if name in saved_before:
+                    records.append(saved_before[name])
+                continue
+            saved = {}  # an --eval_only row trains nothing and saves no args.json
+            if (out_dir / "args.json").is_file():
+                saved = {**BEFORE_THE_FLAG, **json.loads((out_dir / "args.json").read_text())}
+            records.append({"row": name, "run": label, "command": row_command(flags),
+                            "args": {k: v for k, v in saved.items() if k not in NOT_TRAINING},
+                            "best": json.loads((out_dir / "scores.json").read_text()),
+                            "epochs": epoch_records(out_dir)})
+    return records
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -162,6 +231,8 @@ def main():
     p.add_argument("--runs_dir", default="runs/table", help="where the rows' runs go")
     p.add_argument("--only", default=None, help="comma list of row names to run, in this order (default: every row)")
     p.add_argument("--dry_run", action="store_true", help="run nothing, print the table of finished rows")
+    p.add_argument("--write_runs", action="store_true",
+                   help="also write results/table-runs.jsonl: every finished row's flags and metrics")
     args = p.parse_args()
     runs_dir, data_dir = (ROOT / args.runs_dir).resolve(), Path(args.data_dir).resolve()
     flags_of = {name: flags for _, rows in SECTIONS for name, _, flags in rows}
@@ -175,6 +246,11 @@ def main():
             if isinstance(flags_of[name], str):
                 run_row(name, flags_of[name], runs_dir, data_dir)
     print(markdown_table(runs_dir))
+    if args.write_runs:
+        saved = [json.loads(line) for line in RUNS_FILE.read_text().splitlines()] if RUNS_FILE.is_file() else []
+        records = runs_record(runs_dir, {r["row"]: r for r in saved})
+        RUNS_FILE.write_text("".join(json.dumps(r) + "\n" for r in records))
+        print(f"wrote {RUNS_FILE.relative_to(ROOT)} ({len(records)} rows)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Specification of results/table.py: every row's flags are flags train.py accepts, and the table
-is read from the runs' own files (scores.json, metrics.jsonl), rows without a run marked as such."""
+"""Specification of results/table.py: every row's flags are flags train.py accepts and still run
+what the row's saved run ran (results/table-runs.jsonl), and the table is read from the runs' own
+files (scores.json, metrics.jsonl), rows without a run marked as such."""
 import importlib.util
 import json
 import shlex
@@ -17,12 +18,31 @@ ROWS = [row for _, rows in table.SECTIONS for row in rows]
 
 @pytest.mark.parametrize("name,label,flags", ROWS, ids=[row[0] for row in ROWS])
 def test_every_row_is_a_valid_train_command(name, label, flags):
-    if isinstance(flags, tuple):  # ("epoch", N, other row): that row must exist and run N epochs or more
-        _, epoch, other = flags
-        other_flags = dict((n, f) for n, _, f in ROWS)[other]
-        assert train.parse_args(shlex.split(other_flags)).epochs >= epoch
+    if isinstance(flags, tuple):  # ("epoch", N, other row): that row must exist and run N epochs or more,
+        _, epoch, other = flags   # at a constant rate (with a schedule, epoch N of a longer run is no N-epoch run)
+        other_args = train.parse_args(shlex.split(dict((n, f) for n, _, f in ROWS)[other]))
+        assert other_args.epochs >= epoch
+        assert other_args.lr_schedule == "constant"
     else:
         train.parse_args(shlex.split(flags))
+
+
+SAVED_RUNS = [json.loads(line) for line in table.RUNS_FILE.read_text().splitlines()]
+
+
+def test_every_row_with_a_run_of_its_own_has_a_saved_run():
+    assert sorted(r["row"] for r in SAVED_RUNS) == sorted(name for name, _, flags in ROWS if isinstance(flags, str))
+
+
+@pytest.mark.parametrize("record", SAVED_RUNS, ids=[r["row"] for r in SAVED_RUNS])
+def test_every_saved_run_is_what_its_row_command_runs_today(record):
+    """A default that changes after a row ran must be pinned in that row's flags."""
+    flags = dict((n, f) for n, _, f in ROWS)[record["row"]]
+    assert record["command"] == table.row_command(flags)
+    today = vars(train.parse_args(shlex.split(flags)))
+    # A saved flag that no longer exists belonged to an experiment since removed, and ran switched off.
+    ran = {k: v for k, v in record["args"].items() if k in today or v}
+    assert ran == {k: today.get(k, "not a flag any more") for k in ran}
 
 
 def test_row_names_are_unique():
@@ -31,15 +51,15 @@ def test_row_names_are_unique():
 
 
 def test_the_table_reads_finished_runs_and_marks_the_others(tmp_path):
-    main = tmp_path / "main"
-    main.mkdir()
+    run = tmp_path / "main-b8"
+    run.mkdir()
     history = [{"epoch": 1, "dev": {"sst": 0.4, "para": 0.7, "sts": 0.8}, "overall": 0.5, "seconds": 60.0},
                {"epoch": 2, "dev": {"sst": 0.5, "para": 0.8, "sts": 0.9}, "overall": 0.6, "seconds": 120.0}]
-    (main / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-    (main / "scores.json").write_text(json.dumps({"dev": history[1]["dev"], "overall": 0.6, "seconds": 200.0}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    (run / "scores.json").write_text(json.dumps({"dev": history[1]["dev"], "overall": 0.6, "seconds": 200.0}))
     lines = table.markdown_table(tmp_path).splitlines()
-    main_row = next(line for line in lines if line.startswith("| the main command:"))
+    main_row = next(line for line in lines if line.startswith("| GLS + round-robin, 3 epochs |"))
     assert "| 2 | 0.500 | 0.800 | 0.900 | 0.600 | 3.0 |" in main_row
-    first_epoch = next(line for line in lines if line.startswith("| the main command's epoch 1"))
+    first_epoch = next(line for line in lines if line.startswith("| GLS + round-robin, 3 epochs: its epoch 1"))
     assert "| 1 | 0.400 | 0.700 | 0.800 | 0.500 | 1.0 |" in first_epoch
-    assert sum("not run yet" in line for line in lines) == len(ROWS) - 2  # main and its epoch row
+    assert sum("not run yet" in line for line in lines) == len(ROWS) - 2  # main-b8 and its epoch row
