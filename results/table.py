@@ -42,6 +42,7 @@ SECTIONS = [
      "dropout 0.1", [
         ("main", "the main command: GLS + round-robin, 3 epochs", MAIN),
         ("main-5ep", "GLS + round-robin, 5 epochs", f"{MAIN} --epochs 5"),
+        ("main-seed1", "the main command with --seed 1 (seed noise)", f"{MAIN} --seed 1"),
     ]),
     ("Multi-task, batch 8, constant lr 5e-5, dropout 0.1 (the defaults before batch 32)", [
         ("main-b8", "GLS + round-robin, 3 epochs", f"{MAIN} --epochs 3 {B8} {CONSTANT} {LR5E5}"),
