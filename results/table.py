@@ -68,7 +68,7 @@ SECTIONS = [
         ("cfimdb-finetune", "CFIMDB, finetune (reviews cut at 256 tokens)",
          f"--tasks cfimdb --epochs 2 --max_length 256 --hidden_dropout_prob 0.3 {B8} {CONSTANT} {LR5E5}"),
     ]),
-    ("Multi-task: SST + PARA + STS, finetune, batch 8, constant lr 5e-5, dropout 0.3 (the study's)", [
+    ("Multi-task: SST + PARA + STS, finetune, batch 8, constant lr 5e-5, the study's dropout 0.3", [
         ("gls-roundrobin-dropout0.3", "GLS + round-robin, 4 epochs (best: epoch 3)",
          f"--loss gls --sampler roundrobin --epochs 4 --hidden_dropout_prob 0.3 {B8} {CONSTANT} {LR5E5}"),
         ("gls-roundrobin-dropout0.3-2", "GLS + round-robin, 2 epochs", ("epoch", 2, "gls-roundrobin-dropout0.3")),
