@@ -508,9 +508,12 @@ def save_resumable(path, args, model, optimizer, regulariser, progress, device):
     save_atomically(state, path)
 
 
-# Flags a resumed run may change; every other flag must be the one last.pt was saved with.
-MAY_CHANGE_ON_RESUME = {"epochs", "save_every", "device", "compile", "fused_optimizer", "eval_batch_size", "data_dir",
-                        "bert", "out_dir", "resume", "eval_only", "checkpoint"}
+# Flags that say where a run reads and writes and how fast it goes, not what it learns.
+NOT_TRAINING = {"save_every", "device", "compile", "fused_optimizer", "eval_batch_size", "data_dir", "bert", "out_dir",
+                "resume", "eval_only", "checkpoint"}
+# Flags a resumed run may change (--epochs at a constant rate only, see resume); every other flag
+# must be the one last.pt was saved with.
+MAY_CHANGE_ON_RESUME = NOT_TRAINING | {"epochs"}
 
 
 def check_out_dir(args, out_dir):

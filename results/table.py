@@ -29,6 +29,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from train import NOT_TRAINING  # noqa: E402  (the flags that do not change what a run learns)
 
 # (row name, what the row is, train.py flags); a row whose flags are ("epoch", N, "other row")
 # reads epoch N of the other row's run instead of running: at a constant learning rate the first
@@ -193,16 +195,19 @@ def markdown_table(runs_dir):
     return "\n".join(lines[1:])
 
 
-# Flags that say where and how fast a run went, not what it trained: left out of the saved args.
-NOT_TRAINING = {"data_dir", "out_dir", "bert", "device", "save_every", "resume", "checkpoint", "compile",
-                "fused_optimizer", "eval_batch_size"}
 # Flags added to train.py after some rows ran, with the value that does what those runs did.
 BEFORE_THE_FLAG = {"lr_schedule": "constant"}
 
 
+def read_saved_runs():
+    """The records of results/table-runs.jsonl ([] before it exists)."""
+    return [json.loads(line) for line in RUNS_FILE.read_text().splitlines()] if RUNS_FILE.is_file() else []
+
+
 def runs_record(runs_dir, saved_before):
     """One record per finished row with a run of its own: its command, the flags it ran with
-    (args.json, machine paths left out), the best model's dev scores and every epoch's record.
+    (args.json, less train.NOT_TRAINING's paths and speed flags), the best model's dev scores and
+    every epoch's record.
     A row whose run is not in runs_dir keeps its record from `saved_before` (row name -> record):
     runs/ is not part of the repository, and a fresh clone must not wipe the saved results."""
     records = []
@@ -248,8 +253,7 @@ def main():
                 run_row(name, flags_of[name], runs_dir, data_dir)
     print(markdown_table(runs_dir))
     if args.write_runs:
-        saved = [json.loads(line) for line in RUNS_FILE.read_text().splitlines()] if RUNS_FILE.is_file() else []
-        records = runs_record(runs_dir, {r["row"]: r for r in saved})
+        records = runs_record(runs_dir, {r["row"]: r for r in read_saved_runs()})
         RUNS_FILE.write_text("".join(json.dumps(r) + "\n" for r in records))
         print(f"wrote {RUNS_FILE.relative_to(ROOT)} ({len(records)} rows)", file=sys.stderr)
 

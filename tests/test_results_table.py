@@ -14,30 +14,32 @@ spec = importlib.util.spec_from_file_location("table", Path(__file__).resolve().
 table = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(table)
 ROWS = [row for _, rows in table.SECTIONS for row in rows]
+FLAGS = {name: flags for name, _, flags in ROWS}
 
 
 @pytest.mark.parametrize("name,label,flags", ROWS, ids=[row[0] for row in ROWS])
 def test_every_row_is_a_valid_train_command(name, label, flags):
     if isinstance(flags, tuple):  # ("epoch", N, other row): that row must exist and run N epochs or more,
         _, epoch, other = flags   # at a constant rate (with a schedule, epoch N of a longer run is no N-epoch run)
-        other_args = train.parse_args(shlex.split(dict((n, f) for n, _, f in ROWS)[other]))
+        other_args = train.parse_args(shlex.split(FLAGS[other]))
         assert other_args.epochs >= epoch
         assert other_args.lr_schedule == "constant"
     else:
         train.parse_args(shlex.split(flags))
 
 
-SAVED_RUNS = [json.loads(line) for line in table.RUNS_FILE.read_text().splitlines()]
+SAVED_RUNS = table.read_saved_runs()
 
 
 def test_every_row_with_a_run_of_its_own_has_a_saved_run():
-    assert sorted(r["row"] for r in SAVED_RUNS) == sorted(name for name, _, flags in ROWS if isinstance(flags, str))
+    with_runs = [name for name, flags in FLAGS.items() if isinstance(flags, str)]
+    assert sorted(r["row"] for r in SAVED_RUNS) == sorted(with_runs)
 
 
 @pytest.mark.parametrize("record", SAVED_RUNS, ids=[r["row"] for r in SAVED_RUNS])
 def test_every_saved_run_is_what_its_row_command_runs_today(record):
     """A default that changes after a row ran must be pinned in that row's flags."""
-    flags = dict((n, f) for n, _, f in ROWS)[record["row"]]
+    flags = FLAGS[record["row"]]
     assert record["command"] == table.row_command(flags)
     today = vars(train.parse_args(shlex.split(flags)))
     # A saved flag that no longer exists belonged to an experiment since removed, and ran switched off.
