@@ -91,6 +91,12 @@ def parse_args(argv=None):
     g.add_argument("--lr_schedule", choices=["constant", "linear"], default="linear",
                    help="linear: the learning rate falls in a straight line from --lr to 0 over the run; "
                         "constant: the study's")
+    g.add_argument("--warmup", type=float, default=0.0,
+                   help="fraction of the run over which the learning rate first rises from 0 to --lr "
+                        "(BERT's warm-up; 0 = none)")
+    g.add_argument("--layer_decay", type=float, default=1.0,
+                   help="layer-wise learning rate decay: the heads train at --lr, the top encoder layer at "
+                        "--lr*D, the next at --lr*D^2, ..., the embeddings at --lr*D^(layers+1) (1 = off)")
     g.add_argument("--fused_optimizer", action="store_true",
                    help="compile the optimizer's update into one pass per tensor (torch.compile, a few seconds "
                         "once; the step then costs about 1.4x torch's fused AdamW on CPU instead of 2.3x)")
@@ -99,6 +105,10 @@ def parse_args(argv=None):
                    help="dropout in the encoder and heads (the study's 0.3 measured worse on the default checkpoint)")
     g.add_argument("--pooling", choices=["mean", "cls"], default="mean",
                    help="sentence vector the classification heads read: mean of the tokens, or BERT's [CLS] pooler")
+    g.add_argument("--swap_pairs", action="store_true",
+                   help="para: train on each question pair in both orders (every other batch swapped) and "
+                        "predict from the mean logit of the two orders; being a paraphrase is symmetric, a "
+                        "cross-encoder is not")
     g.add_argument("--batch_size", type=int, default=32,
                    help="examples per task per step (the study's 8 measured worse for the main command, README)")
     g.add_argument("--epochs", type=int, default=3,
@@ -147,8 +157,8 @@ def parse_args(argv=None):
         p.error(f"--focus {','.join(args.focus)} names a task not in --tasks {','.join(args.tasks)}")
     if args.lr is None:
         args.lr = 1e-3 if args.option == "pretrain" else 1e-4
-    for name in ("lr", "alpha", "weight_decay", "clip_grad", "hidden_dropout_prob", "smart_lambda", "smart_eps",
-                 "smart_sigma", "smart_step", "bregman_mu", "bregman_beta"):
+    for name in ("lr", "warmup", "layer_decay", "alpha", "weight_decay", "clip_grad", "hidden_dropout_prob",
+                 "smart_lambda", "smart_eps", "smart_sigma", "smart_step", "bregman_mu", "bregman_beta"):
         if not math.isfinite(getattr(args, name)):
             p.error(f"--{name} must be a finite number, got {getattr(args, name)}")
     if not args.lr > 0:
@@ -163,6 +173,10 @@ def parse_args(argv=None):
         p.error("--max_length must be at least 3 (room for [CLS] and two [SEP]s)")
     if args.max_length > 512:
         p.error("--max_length cannot exceed 512 (BERT's position embeddings)")
+    if not 0 <= args.warmup < 1:
+        p.error("--warmup must lie in [0, 1)")
+    if not 0 < args.layer_decay <= 1:
+        p.error("--layer_decay must lie in (0, 1]")
     if not 0 <= args.hidden_dropout_prob < 1:
         p.error("--hidden_dropout_prob must lie in [0, 1)")
     if args.weight_decay < 0 or args.clip_grad < 0 or args.save_every < 0:
@@ -185,6 +199,12 @@ def run_name(args):
             f"-b{args.batch_size}")
     if args.lr_schedule != "linear":
         name += f"-{args.lr_schedule}"
+    if args.warmup:
+        name += f"-warmup{args.warmup:g}"
+    if args.layer_decay != 1:
+        name += f"-decay{args.layer_decay:g}"
+    if args.swap_pairs:
+        name += "-swap"
     if args.clip_grad:
         name += f"-clip{args.clip_grad:g}"
     if args.smart:
@@ -237,7 +257,7 @@ def load_split(args, tokenizer, task, split, limit, report):
         examples = [examples[i] for i in keep]
     elif limit is not None:
         examples = examples[:limit]  # dev/test: the first rows, so outputs line up with the files
-    return tasks.TaskData(task, examples, tokenizer, args.max_length)
+    return tasks.TaskData(task, examples, tokenizer, args.max_length, both_orders=args.swap_pairs and task == "para")
 
 
 def build_model(args, checkpoint_dir, device):
@@ -252,13 +272,37 @@ def build_model(args, checkpoint_dir, device):
     return model
 
 
+def layer_depth(name, n_layers):
+    """How far below the heads a parameter sits: 0 for the heads (and the pooler), 1 for the top
+    encoder layer, ..., n_layers for the bottom one, n_layers + 1 for the embeddings."""
+    parts = name.split(".")
+    if parts[:2] == ["encoder", "embeddings"]:
+        return n_layers + 1
+    if parts[:2] == ["encoder", "layers"]:
+        return n_layers - int(parts[2])
+    return 0
+
+
+def parameter_groups(args, model):
+    """The trainable parameters, in one group, or with --layer_decay D < 1 one group per depth with
+    lr_scale D^depth: discriminative fine-tuning (Howard & Ruder, 2018; Sun et al., 2019, sec. 5.3),
+    on the view that lower layers hold general features a small task should change least."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if args.layer_decay == 1:
+        return [{"params": [p for _, p in named], "lr_scale": 1.0}]
+    n_layers = model.encoder.config.num_hidden_layers
+    by_depth = {}
+    for name, p in named:
+        by_depth.setdefault(layer_depth(name, n_layers), []).append(p)
+    return [{"params": ps, "lr_scale": args.layer_decay ** depth} for depth, ps in sorted(by_depth.items())]
+
+
 def build_optimizer(args, model):
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:  # pretrain (encoder frozen) with only weightless heads: STS is a cosine
+    if not any(p.requires_grad for p in model.parameters()):  # pretrain (encoder frozen) with only weightless heads: STS is a cosine
         raise RunError(f"--option {args.option} --tasks {','.join(args.tasks)} has nothing to train: the encoder "
                        "is frozen and these heads have no weights (score the checkpoint as it is with --eval_only)")
     kind = optim.AdamW if args.optimizer == "adamw" else optim.AdaBelief
-    optimizer = kind(params, lr=args.lr, weight_decay=args.weight_decay, fused=args.fused_optimizer)
+    optimizer = kind(parameter_groups(args, model), lr=args.lr, weight_decay=args.weight_decay, fused=args.fused_optimizer)
     if args.fused_optimizer:
         try:
             optim.compile_fused_update(optimizer)
@@ -538,9 +582,10 @@ def resume(args, out_dir, model, optimizer, regulariser, device):
         if name in saved and saved[name] != now[name]:
             raise RunError(f"--resume: {path} was saved with --{name} {flag_text(saved[name])}, not "
                            f"{flag_text(now[name])}; resume with the run's own flags")
-    if now["lr_schedule"] != "constant" and saved.get("epochs") != now["epochs"]:
+    if (now["lr_schedule"] != "constant" or now["warmup"] > 0) and saved.get("epochs") != now["epochs"]:
         raise RunError(f"--resume: {path} was saved with --epochs {flag_text(saved.get('epochs'))}; with "
-                       f"--lr_schedule {now['lr_schedule']} the epochs set the schedule and cannot change")
+                       f"--lr_schedule {now['lr_schedule']} --warmup {now['warmup']} the epochs set the schedule "
+                       "and cannot change")
     model.load_state_dict(checked_model_state(path, state["model"], model))
     try:
         optimizer.load_state_dict(state["optimizer"])
@@ -705,14 +750,23 @@ def smart_term(regulariser, batches, shares):
     return sum(global_means({task: regulariser({task: b}) for task, b in batches.items()}, shares).values())
 
 
-def set_learning_rate(args, optimizer, done):
+def learning_rate(args, done):
     """The step's learning rate, from the fraction of training `done` before it (0 at the first
-    step): --lr throughout, or with --lr_schedule linear --lr·(1 - done), the linear decay of BERT's
-    own recipe (Devlin et al. 2019), without its warm-up. A function of (epoch, step) alone, so a
-    resumed run steps with the same rates."""
-    lr = args.lr * (1 - done) if args.lr_schedule == "linear" else args.lr
+    step): --lr throughout, or with --lr_schedule linear falling in a straight line to 0 at the end,
+    the linear decay of BERT's recipe (Devlin et al. 2019). With --warmup W the rate first rises
+    from 0 to --lr over the fraction W of the run, as in that recipe, and the decay takes the rest.
+    A function of (epoch, step) alone, so a resumed run steps with the same rates."""
+    if done < args.warmup:
+        return args.lr * done / args.warmup
+    if args.lr_schedule == "linear":
+        return args.lr * (1 - done) / (1 - args.warmup)
+    return args.lr
+
+
+def set_learning_rate(args, optimizer, done):
+    lr = learning_rate(args, done)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # a last.pt from before lr_scale has one group
 
 
 def train(args, model, optimizer, regulariser, progress, train_data, dev_data, device, out_dir):
@@ -733,7 +787,9 @@ def train(args, model, optimizer, regulariser, progress, train_data, dev_data, d
             batches, shares = {}, {}
             for task, indices in plan[step].items():
                 mine, shares[task] = shard(indices)
-                batches[task] = tasks.move_batch(train_data[task].batch(mine), device)
+                # with --swap_pairs, para's pairs are in (q1, q2) order at even steps, (q2, q1) at odd
+                order = (epoch + step) % 2 if args.swap_pairs and task == "para" else None
+                batches[task] = tasks.move_batch(train_data[task].batch(mine, only=order), device)
             loss = training_step(args, model, optimizer, regulariser, params, batches, shares, device)
             progress["step"] = step + 1
             if loss is None:

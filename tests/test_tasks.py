@@ -98,6 +98,25 @@ def test_sts_encodes_each_sentence_on_its_own(data_dir, tokenizer):
         tokenizer.encode(data.examples[1].pair)
 
 
+def test_para_in_both_orders_encodes_the_swapped_pair_and_scores_the_mean_logit(data_dir, tokenizer):
+    examples = tasks.read_examples(data_dir, "para", "dev")[:6]
+    data = tasks.TaskData("para", examples, tokenizer, max_length=128, both_orders=True)
+    forward, swapped = data.batch([0, 1, 2])["inputs"]
+    ids, _ = tokenizer.encode_with_types(examples[1].pair, examples[1].text, max_length=128)
+    assert swapped["input_ids"][1, :len(ids)].tolist() == ids
+    assert data.batch([0, 1, 2], only=0)["inputs"][0]["input_ids"].equal(forward["input_ids"])
+    torch.manual_seed(0)
+    encoder = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    model = tasks.MultitaskBert(encoder, ["para"], dropout=0.1).eval()
+    with torch.no_grad():
+        both = model("para", [forward, swapped])
+        one, other = model("para", [forward]), model("para", [swapped])
+    assert torch.allclose(both, (one + other) / 2, atol=1e-6, rtol=0)
+    assert not torch.allclose(one, other)  # a cross-encoder is not symmetric by itself
+    with pytest.raises(ValueError, match="both_orders is for para"):
+        tasks.TaskData("sts", examples, tokenizer, max_length=128, both_orders=True)
+
+
 def test_ordered_batches_cover_every_example_once(data_dir, tokenizer):
     data = tasks.TaskData("sst", tasks.read_examples(data_dir, "sst", "dev"), tokenizer, max_length=128)
     batches = data.ordered_batches(64)

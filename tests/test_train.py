@@ -93,6 +93,48 @@ def test_linear_schedule_lowers_the_learning_rate_to_nearly_zero(tmp_path, data_
         run(tmp_path, data_dir, *flags[:-4], "--epochs", "3", *flags[-2:], "--resume")
 
 
+def test_warmup_raises_the_rate_from_zero_then_the_schedule_takes_the_rest():
+    linear = train.parse_args(["--lr", "1e-4", "--warmup", "0.1"])
+    assert [train.learning_rate(linear, done) for done in (0.0, 0.05, 0.1)] == pytest.approx([0.0, 5e-5, 1e-4])
+    assert train.learning_rate(linear, 0.55) == pytest.approx(5e-5)  # halfway down the remaining 0.9
+    constant = train.parse_args(["--lr", "1e-4", "--warmup", "0.1", "--lr_schedule", "constant"])
+    assert [train.learning_rate(constant, done) for done in (0.05, 0.5, 0.99)] == pytest.approx([5e-5, 1e-4, 1e-4])
+    plain = train.parse_args(["--lr", "1e-4"])
+    assert train.learning_rate(plain, 0.0) == 1e-4 and train.learning_rate(plain, 0.75) == pytest.approx(2.5e-5)
+
+
+def test_layer_decay_gives_each_depth_its_own_rate(tmp_path, data_dir):
+    import torch
+    args = train.parse_args(["--layer_decay", "0.5"])
+    model = train.build_model(args, train.default_checkpoint_path(), torch.device("cpu"))
+    groups = train.parameter_groups(args, model)
+    grouped = [p for g in groups for p in g["params"]]
+    assert len(grouped) == len(set(map(id, grouped))) == len(list(model.parameters()))
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert scale[id(params["heads.sst.weight"])] == 1.0
+    assert scale[id(params["encoder.layers.5.ffn_out.weight"])] == 0.5  # the top layer of 6
+    assert scale[id(params["encoder.layers.0.attention.qkv.weight"])] == 0.5 ** 6
+    assert scale[id(params["encoder.embeddings.word.weight"])] == 0.5 ** 7
+    # train.py sets each group's rate from the schedule times its scale
+    out_dir, _ = run(tmp_path, data_dir, "--tasks", "sst", "--limit", "16", "--eval_limit", "8", "--epochs", "1",
+                     "--batch_size", "8", "--max_length", "32", "--layer_decay", "0.5", "--lr_schedule", "constant")
+    saved = torch.load(out_dir / "last.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert sorted(g["lr"] for g in saved) == pytest.approx(sorted(1e-4 * 0.5 ** d for d in range(8)))
+
+
+def test_swap_pairs_trains_para_on_alternate_orders(tmp_path, data_dir, monkeypatch):
+    seen = []
+    batch = tasks.TaskData.batch
+    monkeypatch.setattr(tasks.TaskData, "batch", lambda self, indices, only=None: (
+        seen.append((self.task, only)), batch(self, indices, only))[1])
+    run(tmp_path, data_dir, "--tasks", "para,sst", "--swap_pairs", "--limit", "24", "--eval_limit", "8", "--epochs",
+        "1", "--batch_size", "8", "--max_length", "32", "--sampler", "roundrobin")
+    assert [only for task, only in seen if task == "para"][:3] == [0, 1, 0]  # training: one order a step
+    assert all(only is None for task, only in seen if task == "sst")
+    assert seen[-1] == ("sst", None) and ("para", None) in seen[3:]  # evaluation: both orders
+
+
 def test_eval_only_reproduces_the_best_checkpoints_scores(tmp_path, data_dir):
     flags = ["--tasks", "sst", "--limit", "16", "--eval_limit", "24", "--epochs", "1"]
     out_dir, scores = run(tmp_path, data_dir, *flags)
