@@ -185,10 +185,10 @@ class TaskData:
             "attention_mask": torch.tensor([[1] * len(ids) + [0] * p for (ids, _), p in zip(encodings, padding)]),
         }
 
-    def batch(self, indices, only=None):
+    def batch(self, indices, order=None):
         """{'inputs': [padded encoder inputs, one per sentence (or pair order)], 'labels': tensor or
-        None}; `only` = k keeps the k-th encoding alone (para trained on one order at a time)."""
-        encodings = self.encodings if only is None else [self.encodings[only]]
+        None}; `order` = k keeps the k-th encoding alone (para trained on one order at a time)."""
+        encodings = self.encodings if order is None else [self.encodings[order]]
         inputs = [self.pad([enc[i] for i in indices]) for enc in encodings]
         labels = None
         if self.labels[indices[0]] is not None:
@@ -247,7 +247,7 @@ class MultitaskBert(nn.Module):
             a, b = (mean_pool(out["last_hidden_state"], enc["attention_mask"]) for out, enc in zip(outputs, inputs))
             return F.cosine_similarity(a, b, dim=-1)
         logits = [self.heads[task](self.dropout(self.features(out, enc))) for out, enc in zip(outputs, inputs)]
-        logits = logits[0] if len(logits) == 1 else torch.stack(logits).mean(0)
+        logits = torch.stack(logits).mean(0)  # para given in both orders: the mean; else the one logit
         return logits.squeeze(-1) if task == "para" else logits
 
     def features(self, output, inputs):

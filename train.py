@@ -106,9 +106,9 @@ def parse_args(argv=None):
     g.add_argument("--pooling", choices=["mean", "cls"], default="mean",
                    help="sentence vector the classification heads read: mean of the tokens, or BERT's [CLS] pooler")
     g.add_argument("--swap_pairs", action="store_true",
-                   help="para: train on each question pair in both orders (every other batch swapped) and "
-                        "predict from the mean logit of the two orders; being a paraphrase is symmetric, a "
-                        "cross-encoder is not")
+                   help="para: train on each question pair in both orders (alternate steps swapped) and "
+                        "predict from the mean logit of the two orders, at twice the cost of a para dev pass; "
+                        "being a paraphrase is symmetric, a cross-encoder is not")
     g.add_argument("--batch_size", type=int, default=32,
                    help="examples per task per step (the study's 8 measured worse for the main command, README)")
     g.add_argument("--epochs", type=int, default=3,
@@ -257,7 +257,8 @@ def load_split(args, tokenizer, task, split, limit, report):
         examples = [examples[i] for i in keep]
     elif limit is not None:
         examples = examples[:limit]  # dev/test: the first rows, so outputs line up with the files
-    return tasks.TaskData(task, examples, tokenizer, args.max_length, both_orders=args.swap_pairs and task == "para")
+    both_orders = args.swap_pairs and task == "para"
+    return tasks.TaskData(task, examples, tokenizer, args.max_length, both_orders=both_orders)
 
 
 def build_model(args, checkpoint_dir, device):
@@ -555,9 +556,11 @@ def save_resumable(path, args, model, optimizer, regulariser, progress, device):
 # Flags that say where a run reads and writes and how fast it goes, not what it learns.
 NOT_TRAINING = {"save_every", "device", "compile", "fused_optimizer", "eval_batch_size", "data_dir", "bert", "out_dir",
                 "resume", "eval_only", "checkpoint"}
-# Flags a resumed run may change (--epochs at a constant rate only, see resume); every other flag
-# must be the one last.pt was saved with.
+# Flags a resumed run may change (--epochs only at a constant rate without warm-up, see resume);
+# every other flag must be the one last.pt was saved with.
 MAY_CHANGE_ON_RESUME = NOT_TRAINING | {"epochs"}
+# Flags added after runs had been saved without them, with the value that does what those runs did.
+BEFORE_THE_FLAG = {"lr_schedule": "constant", "warmup": 0.0, "layer_decay": 1.0, "swap_pairs": False}
 
 
 def check_out_dir(args, out_dir):
@@ -577,15 +580,16 @@ def resume(args, out_dir, model, optimizer, regulariser, device):
     state = load_checkpoint(path)
     if not (isinstance(state, dict) and {"model", "optimizer", "progress", "args", "torch_rng"} <= set(state)):
         raise RunError(f"{path}: not a resumable checkpoint of this train.py")
-    now, saved = vars(args), state["args"]
+    now, saved = vars(args), {**BEFORE_THE_FLAG, **state["args"]}
     for name in now.keys() - MAY_CHANGE_ON_RESUME:
         if name in saved and saved[name] != now[name]:
             raise RunError(f"--resume: {path} was saved with --{name} {flag_text(saved[name])}, not "
                            f"{flag_text(now[name])}; resume with the run's own flags")
-    if (now["lr_schedule"] != "constant" or now["warmup"] > 0) and saved.get("epochs") != now["epochs"]:
+    scheduled = ([f"--lr_schedule {now['lr_schedule']}"] if now["lr_schedule"] != "constant" else []) + \
+        ([f"--warmup {now['warmup']:g}"] if now["warmup"] > 0 else [])
+    if scheduled and saved.get("epochs") != now["epochs"]:
         raise RunError(f"--resume: {path} was saved with --epochs {flag_text(saved.get('epochs'))}; with "
-                       f"--lr_schedule {now['lr_schedule']} --warmup {now['warmup']} the epochs set the schedule "
-                       "and cannot change")
+                       f"{' '.join(scheduled)} the epochs set the schedule and cannot change")
     model.load_state_dict(checked_model_state(path, state["model"], model))
     try:
         optimizer.load_state_dict(state["optimizer"])
@@ -787,9 +791,10 @@ def train(args, model, optimizer, regulariser, progress, train_data, dev_data, d
             batches, shares = {}, {}
             for task, indices in plan[step].items():
                 mine, shares[task] = shard(indices)
-                # with --swap_pairs, para's pairs are in (q1, q2) order at even steps, (q2, q1) at odd
+                # --swap_pairs: para's pairs in (q1, q2) order when epoch + step is even, else (q2, q1);
+                # a function of (epoch, step) alone, like the plan, so a resumed run sees the same orders
                 order = (epoch + step) % 2 if args.swap_pairs and task == "para" else None
-                batches[task] = tasks.move_batch(train_data[task].batch(mine, only=order), device)
+                batches[task] = tasks.move_batch(train_data[task].batch(mine, order=order), device)
             loss = training_step(args, model, optimizer, regulariser, params, batches, shares, device)
             progress["step"] = step + 1
             if loss is None:

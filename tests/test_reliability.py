@@ -144,6 +144,8 @@ BAD_INPUTS = [
     ("not a number", lambda t, d, b: ["--batch_size", "eight"], r"argument --batch_size: invalid int value: 'eight'"),
     ("nan --weight_decay", lambda t, d, b: ["--weight_decay", "nan"], r"--weight_decay must be a finite number"),
     ("--max_length 2", lambda t, d, b: ["--max_length", "2"], r"--max_length must be at least 3"),
+    ("--warmup 1", lambda t, d, b: ["--warmup", "1"], r"--warmup must lie in \[0, 1\)"),
+    ("--layer_decay 0", lambda t, d, b: ["--layer_decay", "0"], r"--layer_decay must lie in \(0, 1\]"),
     ("--resume with --eval_only", lambda t, d, b: ["--resume", "--eval_only", "--checkpoint", "best.pt"],
      r"--eval_only and --resume exclude each other"),
     ("pretrain with only the weightless STS head", lambda t, d, b: ["--option", "pretrain", "--tasks", "sts"],

@@ -104,7 +104,7 @@ def test_para_in_both_orders_encodes_the_swapped_pair_and_scores_the_mean_logit(
     forward, swapped = data.batch([0, 1, 2])["inputs"]
     ids, _ = tokenizer.encode_with_types(examples[1].pair, examples[1].text, max_length=128)
     assert swapped["input_ids"][1, :len(ids)].tolist() == ids
-    assert data.batch([0, 1, 2], only=0)["inputs"][0]["input_ids"].equal(forward["input_ids"])
+    assert data.batch([0, 1, 2], order=0)["inputs"][0]["input_ids"].equal(forward["input_ids"])
     torch.manual_seed(0)
     encoder = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
     model = tasks.MultitaskBert(encoder, ["para"], dropout=0.1).eval()

@@ -123,16 +123,43 @@ def test_layer_decay_gives_each_depth_its_own_rate(tmp_path, data_dir):
     assert sorted(g["lr"] for g in saved) == pytest.approx(sorted(1e-4 * 0.5 ** d for d in range(8)))
 
 
-def test_swap_pairs_trains_para_on_alternate_orders(tmp_path, data_dir, monkeypatch):
-    seen = []
-    batch = tasks.TaskData.batch
-    monkeypatch.setattr(tasks.TaskData, "batch", lambda self, indices, only=None: (
-        seen.append((self.task, only)), batch(self, indices, only))[1])
+def test_swap_pairs_trains_para_one_order_a_step_and_scores_both(tmp_path, data_dir, monkeypatch):
+    batches = []  # (task, order asked for, encodings in the batch)
+    original = tasks.TaskData.batch
+
+    def recording_batch(self, indices, order=None):
+        batch = original(self, indices, order)
+        batches.append((self.task, order, len(batch["inputs"])))
+        return batch
+
+    monkeypatch.setattr(tasks.TaskData, "batch", recording_batch)
     run(tmp_path, data_dir, "--tasks", "para,sst", "--swap_pairs", "--limit", "24", "--eval_limit", "8", "--epochs",
         "1", "--batch_size", "8", "--max_length", "32", "--sampler", "roundrobin")
-    assert [only for task, only in seen if task == "para"][:3] == [0, 1, 0]  # training: one order a step
-    assert all(only is None for task, only in seen if task == "sst")
-    assert seen[-1] == ("sst", None) and ("para", None) in seen[3:]  # evaluation: both orders
+    para = [(order, n) for task, order, n in batches if task == "para"]
+    assert para[:3] == [(0, 1), (1, 1), (0, 1)]  # training, 3 steps: one order a step, alternating
+    assert para[3:] and set(para[3:]) == {(None, 2)}  # dev and test: both orders, every batch
+    assert {(order, n) for task, order, n in batches if task == "sst"} == {(None, 1)}
+
+
+def test_resuming_a_run_saved_before_a_flag_existed_takes_it_as_off(tmp_path, data_dir):
+    import torch
+    flags = ["--tasks", "sst", "--limit", "16", "--eval_limit", "8", "--max_length", "32", "--batch_size", "8",
+             "--epochs", "1", "--lr_schedule", "constant"]
+    out_dir, _ = run(tmp_path, data_dir, *flags)
+    last = torch.load(out_dir / "last.pt", weights_only=True)
+    for name in ("warmup", "layer_decay", "swap_pairs"):  # as a last.pt from before these flags
+        del last["args"][name]
+    for group in last["optimizer"]["param_groups"]:
+        del group["lr_scale"]
+    torch.save(last, out_dir / "last.pt")
+    with pytest.raises(train.RunError, match="saved with --warmup 0.0, not 0.1"):
+        run(tmp_path, data_dir, *flags, "--warmup", "0.1", "--resume")
+    longer = [*flags[:-4], "--epochs", "2", "--lr_schedule", "constant"]
+    run(tmp_path, data_dir, *longer, "--resume")  # at a constant rate a run may be extended
+    assert [m["epoch"] for m in train.read_metrics(out_dir)] == [1, 2]
+    run(tmp_path, data_dir, *flags, "--warmup", "0.5", name="warmup")
+    with pytest.raises(train.RunError, match="with --warmup 0.5 the epochs set the schedule"):
+        run(tmp_path, data_dir, *longer, "--warmup", "0.5", "--resume", name="warmup")
 
 
 def test_eval_only_reproduces_the_best_checkpoints_scores(tmp_path, data_dir):
