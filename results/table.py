@@ -30,7 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from train import NOT_TRAINING  # noqa: E402  (the flags that do not change what a run learns)
+# the flags that do not change what a run learns; the value of each flag added after some rows ran
+from train import BEFORE_THE_FLAG, NOT_TRAINING  # noqa: E402
 
 # (row name, what the row is, train.py flags); a row whose flags are ("epoch", N, "other row")
 # reads epoch N of the other row's run instead of running: at a constant learning rate the first
@@ -45,6 +46,19 @@ SECTIONS = [
         ("main", "the main command: GLS + round-robin, 3 epochs", MAIN),
         ("main-5ep", "GLS + round-robin, 5 epochs", f"{MAIN} --epochs 5"),
         ("main-seed1", "the main command with --seed 1 (seed noise)", f"{MAIN} --seed 1"),
+        ("fls", "FLS(para) + round-robin, 3 epochs", "--option finetune --loss fls --focus para --sampler roundrobin"),
+        ("main-1ep", "GLS + round-robin, 1 epoch (SST seen about twice)", f"{MAIN} --epochs 1"),
+        ("main-2ep", "GLS + round-robin, 2 epochs", f"{MAIN} --epochs 2"),
+    ]),
+    ("Single-task at the defaults: each task without the other two", [
+        ("sst-alone", "SST alone, 3 epochs (best: epoch 2)", "--tasks sst"),
+        ("para-alone", "PARA alone, 3 epochs", "--tasks para"),
+        ("sts-alone", "STS alone, 3 epochs", "--tasks sts"),
+        ("sst-alone-5ep", "SST alone, 5 epochs (best: epoch 2)", "--tasks sst --epochs 5"),
+        ("sst-alone-lr5e-5", "SST alone, lr 5e-5 (best: epoch 2)", "--tasks sst --lr 5e-5"),
+        ("sst-alone-dropout0", "SST alone, dropout 0 (best: epoch 2)", "--tasks sst --hidden_dropout_prob 0"),
+        ("sst-alone-decay0.9", "SST alone, layer-wise lr decay 0.9 from lr 2e-4 (best: epoch 2)",
+         "--tasks sst --layer_decay 0.9 --lr 2e-4"),
     ]),
     ("Multi-task, batch 8, constant lr 5e-5, dropout 0.1 (the defaults before batch 32)", [
         ("main-b8", "GLS + round-robin, 3 epochs", f"{MAIN} --epochs 3 {B8} {CONSTANT} {LR5E5}"),
@@ -194,9 +208,6 @@ def markdown_table(runs_dir):
                          f"| {command} |")
     return "\n".join(lines[1:])
 
-
-# Flags added to train.py after some rows ran, with the value that does what those runs did.
-BEFORE_THE_FLAG = {"lr_schedule": "constant"}
 
 
 def read_saved_runs():
