@@ -299,11 +299,13 @@ def parameter_groups(args, model):
 
 
 def build_optimizer(args, model):
-    if not any(p.requires_grad for p in model.parameters()):  # pretrain (encoder frozen) with only weightless heads: STS is a cosine
+    # nothing to train: pretrain (encoder frozen) with only weightless heads, STS's being a cosine
+    if not any(p.requires_grad for p in model.parameters()):
         raise RunError(f"--option {args.option} --tasks {','.join(args.tasks)} has nothing to train: the encoder "
                        "is frozen and these heads have no weights (score the checkpoint as it is with --eval_only)")
     kind = optim.AdamW if args.optimizer == "adamw" else optim.AdaBelief
-    optimizer = kind(parameter_groups(args, model), lr=args.lr, weight_decay=args.weight_decay, fused=args.fused_optimizer)
+    optimizer = kind(parameter_groups(args, model), lr=args.lr, weight_decay=args.weight_decay,
+                     fused=args.fused_optimizer)
     if args.fused_optimizer:
         try:
             optim.compile_fused_update(optimizer)

@@ -46,7 +46,8 @@ SECTIONS = [
         ("main", "the main command: GLS + round-robin, 3 epochs", MAIN),
         ("main-5ep", "GLS + round-robin, 5 epochs", f"{MAIN} --epochs 5"),
         ("main-seed1", "the main command with --seed 1 (seed noise)", f"{MAIN} --seed 1"),
-        ("fls", "FLS(para) + round-robin, 3 epochs", "--option finetune --loss fls --focus para --sampler roundrobin"),
+        ("fls", "FLS(para) + round-robin, 3 epochs",
+         "--option finetune --loss fls --focus para --sampler roundrobin"),
         ("main-1ep", "GLS + round-robin, 1 epoch (SST seen about twice)", f"{MAIN} --epochs 1"),
         ("main-2ep", "GLS + round-robin, 2 epochs", f"{MAIN} --epochs 2"),
     ]),
@@ -207,7 +208,6 @@ def markdown_table(runs_dir):
             lines.append(f"| {label} | {epochs or '–'} | {' | '.join(cells)} | {overall} | {minutes:.1f} "
                          f"| {command} |")
     return "\n".join(lines[1:])
-
 
 
 def read_saved_runs():
