@@ -134,6 +134,7 @@ SECTIONS = [
          f"--tasks sst --epochs 1 --smart --hidden_dropout_prob 0.3 {B8} {CONSTANT} {LR5E5}"),
     ]),
 ]
+FLAGS = {name: flags for _, rows in SECTIONS for name, _, flags in rows}  # row name -> its flags
 TASKS = ("sst", "para", "sts")
 RUNS_FILE = ROOT / "results" / "table-runs.jsonl"
 
@@ -224,9 +225,9 @@ def runs_record(runs_dir, saved_before):
     records = []
     for _, rows in SECTIONS:
         for name, label, flags in rows:
-            out_dir = runs_dir / name
             if isinstance(flags, tuple):
                 continue
+            out_dir = runs_dir / name
             if not (out_dir / "scores.json").is_file():
                 if name in saved_before:
                     records.append(saved_before[name])
@@ -252,16 +253,15 @@ def main():
                    help="also write results/table-runs.jsonl: every finished row's flags and metrics")
     args = p.parse_args()
     runs_dir, data_dir = (ROOT / args.runs_dir).resolve(), Path(args.data_dir).resolve()
-    flags_of = {name: flags for _, rows in SECTIONS for name, _, flags in rows}
-    names = list(flags_of)
+    names = list(FLAGS)
     only = names if args.only is None else args.only.split(",")
     unknown = sorted(set(only) - set(names))
     if unknown:
         p.error(f"unknown row {unknown[0]!r}; rows: {', '.join(names)}")
     if not args.dry_run:
         for name in only:  # in the order given
-            if isinstance(flags_of[name], str):
-                run_row(name, flags_of[name], runs_dir, data_dir)
+            if isinstance(FLAGS[name], str):
+                run_row(name, FLAGS[name], runs_dir, data_dir)
     print(markdown_table(runs_dir))
     if args.write_runs:
         records = runs_record(runs_dir, {r["row"]: r for r in read_saved_runs()})

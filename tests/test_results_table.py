@@ -14,7 +14,7 @@ spec = importlib.util.spec_from_file_location("table", Path(__file__).resolve().
 table = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(table)
 ROWS = [row for _, rows in table.SECTIONS for row in rows]
-FLAGS = {name: flags for name, _, flags in ROWS}
+FLAGS = table.FLAGS
 
 
 @pytest.mark.parametrize("name,label,flags", ROWS, ids=[row[0] for row in ROWS])
