@@ -1,7 +1,8 @@
-"""Specification of bench.py's measuring tools: the batches it times are the ones it claims, the
-turn-taking timer returns medians, and the memory probe sees memory that is really used.
-(The benchmark itself is run by hand: `python bench.py --quick`.)"""
-import os
+"""Specification of bench.py: it times the batches train.py would make, its contenders take turns
+batch by batch, a batch's time is its median round, and `--quick` runs end to end.
+(The numbers themselves come from running it by hand: `python bench.py`.)"""
+import random
+import statistics
 
 import pytest
 import torch
@@ -9,47 +10,96 @@ import torch
 import bench
 from tokenizer import BertTokenizer
 
+CPU = torch.device("cpu")
+
 
 @pytest.fixture(scope="module")
-def task_datas(data_dir, checkpoint_dir):
-    tokenizer = BertTokenizer.from_pretrained(checkpoint_dir)
-    return [bench.load_task_data(data_dir, task, tokenizer, limit=400) for task in ("sst", "para")]
+def sst_and_quora(data_dir):
+    return [bench.task_data(str(data_dir), task, 1000) for task in ("sst", "para")]
 
 
-def test_pad_to_pads_short_batches_and_cuts_long_ones():
-    batch = {"input_ids": torch.tensor([[101, 7, 102], [101, 102, 0]]),
-             "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])}
-    padded = bench.pad_to(batch, 5)
-    assert padded["input_ids"].tolist() == [[101, 7, 102, 0, 0], [101, 102, 0, 0, 0]]
-    assert padded["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]]
-    assert bench.pad_to(batch, 2)["input_ids"].tolist() == [[101, 7], [101, 102]]
+def test_batches_are_full_and_bucketed_by_length(sst_and_quora):
+    for data in sst_and_quora:
+        batches = bench.bucketed_indices(data, batch_size=8, n_batches=20)
+        assert [len(b) for b in batches] == [8] * 20
+        assert len({i for b in batches for i in b}) == 8 * 20  # no example twice
+        shuffled = random.Random(0).sample(range(len(data)), 8 * 20)
+        unbucketed = [shuffled[k:k + 8] for k in range(0, len(shuffled), 8)]
+
+        def spread(batch):
+            return max(data.lengths[i] for i in batch) - min(data.lengths[i] for i in batch)
+        # what bucketing is for: within a batch, lengths are far closer than in random batches
+        assert statistics.mean(map(spread, batches)) < statistics.mean(map(spread, unbucketed)) / 4
 
 
-def test_encoder_batches_are_full_bucketed_and_alternate_between_tasks(task_datas):
-    batches = bench.encoder_batches(task_datas, batch_size=8, n_batches=6)
-    assert all(b["input_ids"].shape[0] == 8 for b in batches)
-    # Quora batches are pairs (token type 1 present), SST batches single sentences
-    assert [bool(b["token_type_ids"].any()) for b in batches] == [False, True] * 3
-    # bucketed: each batch is padded only to its own longest example
-    assert all(b["attention_mask"][:, -1].any() for b in batches)
-    fixed = bench.encoder_batches(task_datas, batch_size=8, n_batches=6, fixed_length=64)
-    assert all(f["input_ids"].shape == (8, 64) for f in fixed)
-    for b, f in zip(batches, fixed):  # the same examples
-        assert torch.equal(f["input_ids"][:, :b["input_ids"].shape[1]], b["input_ids"][:, :64])
+def test_encoder_batches_alternate_sst_and_quora_each_padded_to_its_longest(sst_and_quora):
+    sst, quora = sst_and_quora
+    batches = bench.encoder_batches(sst_and_quora, batch_size=8, n_batches=6)
+    assert [b["input_ids"].shape[0] for b in batches] == [8] * 6
+    assert [bool(b["token_type_ids"].any()) for b in batches] == [False, True] * 3  # Quora's are pairs
+    for b in batches:  # padded to its own longest, not to 128: some row has no padding at all
+        assert b["attention_mask"].sum(1).max().item() == b["input_ids"].shape[1]
+    first_quora = quora.batch(bench.bucketed_indices(quora, 8, 6)[0])["inputs"][0]  # TaskData's own batch
+    assert all(torch.equal(batches[1][k], first_quora[k]) for k in first_quora)
 
 
-def test_time_in_turns_gives_each_contender_its_median_round():
+def test_naive_collate_feeds_the_same_ids_as_ours_padded_to_128(sst_and_quora, checkpoint_dir):
+    sst = sst_and_quora[0]
+    indices = bench.bucketed_indices(sst, 8, 1)[0]
+    ours = sst.batch(indices)
+    naive = bench.naive_collate([sst.examples[i] for i in indices], BertTokenizer.from_pretrained(checkpoint_dir))
+    for name, ours_field in ours["inputs"][0].items():
+        naive_field, length = naive["inputs"][0][name], ours_field.shape[1]
+        assert naive_field.shape == (8, 128)
+        assert torch.equal(naive_field[:, :length], ours_field) and not naive_field[:, length:].any()
+    assert torch.equal(naive["labels"], ours["labels"])
+
+
+def test_contenders_take_turns_on_every_item_after_one_warm_up_call_each():
     calls = []
-    seconds = bench.time_in_turns({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
-                                  rounds=3, device=torch.device("cpu"), warmup=1)
-    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up, then turns
-    assert set(seconds) == {"a", "b"} and all(s >= 0 for s in seconds.values())
+    bench.time_in_turns({"a": lambda item: calls.append(("a", item)), "b": lambda item: calls.append(("b", item))},
+                        items=["x", "y"], rounds=3, device=CPU)
+    assert calls == [("a", "x"), ("b", "x")] + [("a", "x"), ("b", "x")] * 3 + [("a", "y"), ("b", "y")] * 3
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS needs Linux's /proc")
-def test_memory_peak_sees_a_tensor_that_was_freed_before_the_reading():
-    device = torch.device("cpu")
-    baseline = bench.reset_peak_memory(device)
-    x = torch.ones(64 * 2**20 // 4)  # 64 MiB, every page touched
-    del x
-    assert bench.peak_memory(device) - baseline >= 60 * 2**20
+def test_time_is_the_mean_over_items_of_each_items_median_round(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    # seconds per call: the warm-up, then three rounds on item 0 and three on item 1
+    durations = {"a": iter([100, 9, 1, 3, 2, 9, 4]), "b": iter([100, 1, 1, 1, 10, 40, 10])}
+
+    def contender(name):
+        def call(item):
+            clock[0] += next(durations[name])
+        return call
+    seconds = bench.time_in_turns({name: contender(name) for name in durations}, items=[0, 1], rounds=3, device=CPU)
+    assert seconds == pytest.approx({"a": (3 + 4) / 2, "b": (1 + 10) / 2})  # medians; means would give 4.7 and 10.5
+
+
+def test_table_gives_each_time_as_a_multiple_of_the_first_rows(capsys):
+    bench.print_table("t", {"reference": 0.2, "ours": 0.05, "slower": 0.5}, "step")
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[3:]]
+    assert rows == [["reference", "200.0", "1.00x"], ["ours", "50.0", "0.25x"], ["slower", "500.0", "2.50x"]]
+
+
+def test_bad_flags_exit_with_status_2():
+    for argv in (["--only", "encoder,memory"], ["--threads", "0"], ["--rounds", "0"], ["--quick=yes"]):
+        with pytest.raises(SystemExit) as exit_:
+            bench.parse_args(argv)
+        assert exit_.value.code == 2
+
+
+def test_quick_run_prints_each_tables_contenders_reference_first(data_dir, capsys):
+    # the optimizer table is left out: compiling fused=True can take longer than this whole test
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--quick", "--threads", "1", "--data_dir", str(data_dir), "--only", "encoder,tokenizer,data,smart"])
+    finally:
+        torch.set_num_threads(threads)
+    tables = capsys.readouterr().out.split("\n\n")[1:]
+    contenders = [[line.split("  ")[1].strip() for line in t.splitlines()[2:]] for t in tables]
+    assert contenders == [["transformers sdpa", "ours", "transformers eager"]] * 2 + [
+        ["transformers slow", "ours, cold cache", "transformers fast"],
+        ["naive (tokenise per batch, pad to 128)", "ours (ids cached, padded to the longest)"],
+        ["without SMART", "with SMART (K = 1)"]]
+    assert all(t.splitlines()[2].endswith(" 1.00x") for t in tables)
