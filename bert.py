@@ -338,29 +338,6 @@ def read_safetensors(path):
     return out
 
 
-def write_safetensors(path, tensors, metadata=None):
-    """Write {name: tensor} as a .safetensors file, laid out as the safetensors library does:
-    tensors in name order, back to back, and the JSON header padded with spaces to a multiple of
-    8 bytes. Written to a temporary file and renamed, so a crash never leaves half a file."""
-    dtype_names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-    header, chunks, offset = {}, [], 0
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu().contiguous()
-        raw = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": dtype_names[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + len(raw)]}
-        chunks.append(raw)
-        offset += len(raw)
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(struct.pack("<Q", len(encoded)) + encoded + b"".join(chunks))
-    tmp.replace(path)
-
-
 def map_checkpoint_names(state):
     """Hugging Face names -> ours. Returns (our state dict, names ignored on purpose).
 

@@ -20,9 +20,9 @@ Why these heads:
 - PARA is a cross-encoder: `[CLS] q1 [SEP] q2 [SEP]` lets every token of one question attend
   to every token of the other, which judges "same question?" far better than comparing two
   separate embeddings (Reimers & Gurevych, 2019, Table 1, measure cross- vs bi-encoders).
-  A cross-encoder is not symmetric, though being a paraphrase is: `both_orders` also encodes
-  `[CLS] q2 [SEP] q1 [SEP]` and the head's logit is the mean of the two orders' (train.py
-  --swap_pairs). On the GPU, four seeds each, it left PARA where it was (0.837 on average).
+  A cross-encoder is not symmetric, though being a paraphrase is; scoring both orders and
+  averaging the two logits was tried and left PARA where it was (0.837 over four seeds), so
+  each pair is encoded once, in the order of the file.
 - STS is a bi-encoder: the cosine of the two sentences' mean-pooled token embeddings. The
   default checkpoint (all-MiniLM-L6-v2) was trained for exactly this, so the head starts good.
   The cosine lies in [-1, 1]; 5 * cosine, clipped to [0, 5], is the predicted score, and the
@@ -151,22 +151,17 @@ def parse_rows(path, reader, task, split):
 class TaskData:
     """One split of one task, tokenised once up front; batches are padded to their own longest.
 
-    sst/cfimdb keep one id sequence per example, para one joint pair sequence, sts two. With
-    both_orders, para keeps two: `[CLS] q1 [SEP] q2 [SEP]` and `[CLS] q2 [SEP] q1 [SEP]`."""
+    sst/cfimdb keep one id sequence per example, para one joint pair sequence
+    `[CLS] q1 [SEP] q2 [SEP]`, sts two (one per sentence)."""
 
-    def __init__(self, task, examples, tokenizer, max_length, both_orders=False):
+    def __init__(self, task, examples, tokenizer, max_length):
         self.task, self.examples = task, examples
         self.pad_id = tokenizer.pad_token_id
-        if both_orders and task != "para":
-            raise ValueError(f"both_orders is for para, not {task}")
         if task == "sts":
             self.encodings = [[tokenizer.encode_with_types(e.text, max_length=max_length) for e in examples],
                               [tokenizer.encode_with_types(e.pair, max_length=max_length) for e in examples]]
         else:
             self.encodings = [[tokenizer.encode_with_types(e.text, e.pair, max_length=max_length) for e in examples]]
-        if both_orders:
-            self.encodings.append([tokenizer.encode_with_types(e.pair, e.text, max_length=max_length)
-                                   for e in examples])
         # the cost of an example is its longest sequence: what batches are bucketed by
         self.lengths = [max(len(enc[i][0]) for enc in self.encodings) for i in range(len(examples))]
         self.labels = [e.label for e in examples]
@@ -185,11 +180,9 @@ class TaskData:
             "attention_mask": torch.tensor([[1] * len(ids) + [0] * p for (ids, _), p in zip(encodings, padding)]),
         }
 
-    def batch(self, indices, order=None):
-        """{'inputs': [padded encoder inputs, one per sentence (or pair order)], 'labels': tensor or
-        None}; `order` = k keeps the k-th encoding alone (para trained on one order at a time)."""
-        encodings = self.encodings if order is None else [self.encodings[order]]
-        inputs = [self.pad([enc[i] for i in indices]) for enc in encodings]
+    def batch(self, indices):
+        """{'inputs': [padded encoder inputs: one, or sts's two sentences], 'labels': tensor or None}."""
+        inputs = [self.pad([enc[i] for i in indices]) for enc in self.encodings]
         labels = None
         if self.labels[indices[0]] is not None:
             dtype = torch.float if self.task in ("sts", "para") else torch.long
@@ -221,8 +214,7 @@ def mean_pool(hidden, attention_mask):
 
 class MultitaskBert(nn.Module):
     """One shared encoder and a small head per task. forward(task, inputs) -> the head's output:
-    logits (sst, cfimdb: (B, classes); para: (B,)) or a cosine similarity (sts: (B,)). Given a
-    pair in both orders, para's logit is the mean of the two orders' logits."""
+    logits (sst, cfimdb: (B, classes); para: (B,)) or a cosine similarity (sts: (B,))."""
 
     def __init__(self, encoder, tasks, dropout, pooling="mean"):
         super().__init__()
@@ -246,8 +238,8 @@ class MultitaskBert(nn.Module):
         if task == "sts":
             a, b = (mean_pool(out["last_hidden_state"], enc["attention_mask"]) for out, enc in zip(outputs, inputs))
             return F.cosine_similarity(a, b, dim=-1)
-        logits = [self.heads[task](self.dropout(self.features(out, enc))) for out, enc in zip(outputs, inputs)]
-        logits = torch.stack(logits).mean(0)  # para given in both orders: the mean; else the one logit
+        (output,), (enc,) = outputs, inputs  # the one input: a sentence, or para's joint pair
+        logits = self.heads[task](self.dropout(self.features(output, enc)))
         return logits.squeeze(-1) if task == "para" else logits
 
     def features(self, output, inputs):

@@ -11,18 +11,12 @@ import torch
 import transformers
 
 from bert import BertConfig, BertModel, CheckpointError, map_checkpoint_names, read_safetensors
-from tokenizer import BertTokenizer
 
 
 def read_column(path, *columns, n=16):
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))[:n]
     return [[row[c] for row in rows] for c in columns]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(checkpoint_dir):
-    return BertTokenizer.from_pretrained(checkpoint_dir)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +87,6 @@ def test_manual_attention_equals_sdpa_in_outputs_and_gradients(checkpoint_dir, r
     batch = real_batches["sst single"]
     grads = {}
     for attention in ("manual", "sdpa"):
-        torch.manual_seed(0)
         model = BertModel.from_pretrained(checkpoint_dir, attention=attention, hidden_dropout_prob=0.0,
                                           attention_probs_dropout_prob=0.0)
         out = model(**batch)
@@ -173,7 +166,8 @@ def test_weight_that_disagrees_with_config_is_an_error(checkpoint_dir, tmp_path)
         BertModel.from_pretrained(folder)
 
 
-def write_safetensors(path, header, body):
+def write_raw_safetensors(path, header, body):
+    """A .safetensors file of exactly this header and body, however wrong they are."""
     raw = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
 
@@ -190,7 +184,7 @@ def write_safetensors(path, header, body):
 ])
 def test_safetensors_header_is_validated(tmp_path, header, body, complaint):
     path = tmp_path / "x.safetensors"
-    write_safetensors(path, header, body)
+    write_raw_safetensors(path, header, body)
     if complaint is None:
         assert read_safetensors(path)["a"].tolist() == [0.0, 0.0]
     else:

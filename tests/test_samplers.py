@@ -113,10 +113,13 @@ def test_proportional_task_frequencies_approach_size_to_the_alpha_shares(alpha):
 def test_proportional_restarts_a_task_that_runs_out_with_full_passes():
     # uniform draws (alpha=0) over 15 steps use sst about 5 times: more than its 3 batches
     rng = random.Random(0)
+    most_sst_steps = 0
     for _ in range(20):
         plan = proportional_steps(make_task_batches(), rng, alpha=0.0)
         for task, n in TASK_SIZES.items():
             assert_each_pass_covers_every_batch(batches_used(plan, task), n)
+        most_sst_steps = max(most_sst_steps, len(batches_used(plan, "sst")))
+    assert most_sst_steps > 3  # sst did run out and restart
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 import tasks
-from bert import BertConfig, BertModel
-from tokenizer import BertTokenizer
+from conftest import tiny_bert
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster
 
 EXPECTED_ROWS = {  # from ../shared/data/README.md
     ("sst", "train"): 8544, ("sst", "dev"): 1101, ("sst", "test-student"): 2210,
@@ -12,11 +13,6 @@ EXPECTED_ROWS = {  # from ../shared/data/README.md
     ("sts", "train"): 6040, ("sts", "dev"): 863, ("sts", "test-student"): 1725,
     ("cfimdb", "train"): 1707, ("cfimdb", "dev"): 245, ("cfimdb", "test-student"): 488,
 }
-
-
-@pytest.fixture(scope="module")
-def tokenizer(checkpoint_dir):
-    return BertTokenizer.from_pretrained(checkpoint_dir)
 
 
 @pytest.mark.parametrize("task, split", sorted(EXPECTED_ROWS))
@@ -86,54 +82,58 @@ def test_batches_are_padded_to_their_own_longest(data_dir, tokenizer):
         assert enc["token_type_ids"][row, :len(ids)].tolist() == types
         assert enc["attention_mask"][row].sum() == len(ids)
         assert (enc["input_ids"][row, len(ids):] == tokenizer.pad_token_id).all()
-    assert batch["labels"].dtype == torch.float
+    assert batch["labels"].dtype == torch.float  # binary_cross_entropy_loss takes float labels
+    assert batch["labels"].tolist() == [data.examples[i].label for i in indices]
 
 
 def test_sts_encodes_each_sentence_on_its_own(data_dir, tokenizer):
     data = tasks.TaskData("sts", tasks.read_examples(data_dir, "sts", "dev")[:8], tokenizer, max_length=128)
-    first, second = data.batch([0, 1])["inputs"]
-    assert first["input_ids"][0, :len(tokenizer.encode(data.examples[0].text))].tolist() == \
-        tokenizer.encode(data.examples[0].text)
-    assert second["input_ids"][1, :len(tokenizer.encode(data.examples[1].pair))].tolist() == \
-        tokenizer.encode(data.examples[1].pair)
+    batch = data.batch([0, 1])
+    for enc, side in zip(batch["inputs"], ("text", "pair")):
+        for row in (0, 1):
+            ids = tokenizer.encode(getattr(data.examples[row], side))
+            assert enc["input_ids"][row, :len(ids)].tolist() == ids
+            assert enc["attention_mask"][row].sum() == len(ids)
+            assert (enc["token_type_ids"][row] == 0).all()
+    assert batch["labels"].equal(torch.tensor([data.examples[0].label, data.examples[1].label]))
 
 
-def test_para_in_both_orders_encodes_the_swapped_pair_and_scores_the_mean_logit(data_dir, tokenizer):
-    examples = tasks.read_examples(data_dir, "para", "dev")[:6]
-    data = tasks.TaskData("para", examples, tokenizer, max_length=128, both_orders=True)
-    forward, swapped = data.batch([0, 1, 2])["inputs"]
-    ids, _ = tokenizer.encode_with_types(examples[1].pair, examples[1].text, max_length=128)
-    assert swapped["input_ids"][1, :len(ids)].tolist() == ids
-    assert data.batch([0, 1, 2], order=0)["inputs"][0]["input_ids"].equal(forward["input_ids"])
-    torch.manual_seed(0)
-    encoder = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
-    model = tasks.MultitaskBert(encoder, ["para"], dropout=0.1).eval()
-    with torch.no_grad():
-        both = model("para", [forward, swapped])
-        one, other = model("para", [forward]), model("para", [swapped])
-    assert torch.allclose(both, (one + other) / 2, atol=1e-6, rtol=0)
-    assert not torch.allclose(one, other)  # a cross-encoder is not symmetric by itself
-    with pytest.raises(ValueError, match="both_orders is for para"):
-        tasks.TaskData("sts", examples, tokenizer, max_length=128, both_orders=True)
-
-
-def test_ordered_batches_cover_every_example_once(data_dir, tokenizer):
+def test_ordered_batches_cover_every_example_once_shortest_first(data_dir, tokenizer):
     data = tasks.TaskData("sst", tasks.read_examples(data_dir, "sst", "dev"), tokenizer, max_length=128)
     batches = data.ordered_batches(64)
-    assert sorted(i for b in batches for i in b) == list(range(len(data)))
+    order = [i for b in batches for i in b]
+    assert sorted(order) == list(range(len(data)))
+    assert [len(b) for b in batches] == [64] * (len(data) // 64) + [len(data) % 64]  # 1101 = 17 * 64 + 13
+    lengths = [data.lengths[i] for i in order]
+    assert lengths == sorted(lengths) and lengths[0] < lengths[-1]
 
 
-def test_heads_output_shapes_and_sts_is_a_cosine(data_dir, tokenizer):
-    torch.manual_seed(0)
-    encoder = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
-    model = tasks.MultitaskBert(encoder, ["sst", "para", "sts", "cfimdb"], dropout=0.1).eval()
-    expected = {"sst": (4, 5), "para": (4,), "sts": (4,), "cfimdb": (4, 2)}
-    for task, shape in expected.items():
-        data = tasks.TaskData(task, tasks.read_examples(data_dir, task, "dev")[:4], tokenizer, max_length=64)
-        out = model(task, data.batch([0, 1, 2, 3])["inputs"])
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_heads_are_linear_maps_of_the_sentence_vector_and_sts_is_a_cosine(data_dir, tokenizer, pooling):
+    """Each head's output recomputed in float64 from the encoder's hidden states: the mean of the
+    real tokens (or the pooler output), then the linear layer; STS the cosine of two token means."""
+    encoder = tiny_bert(max_position_embeddings=128)
+    model = tasks.MultitaskBert(encoder, tasks.TASKS, dropout=0.1, pooling=pooling).eval()
+    expected_shapes = {"sst": (4, 5), "para": (4,), "sts": (4,), "cfimdb": (4, 2)}
+    for task, shape in expected_shapes.items():
+        data = tasks.TaskData(task, tasks.read_examples(data_dir, task, "dev")[:4], tokenizer, max_length=128)
+        inputs = data.batch([0, 1, 2, 3])["inputs"]
+        with torch.no_grad():
+            out = model(task, inputs)
+            encoded = [model.encoder(**enc) for enc in inputs]
         assert out.shape == shape
+        mask = [enc["attention_mask"].double().unsqueeze(-1) for enc in inputs]
+        assert all((m == 0).any() for m in mask)  # padding the mean must leave out
+        means = [(e["last_hidden_state"].double() * m).sum(1) / m.sum(1) for e, m in zip(encoded, mask)]
         if task == "sts":
-            assert (out.abs() <= 1 + 1e-6).all()
+            a, b = means
+            expected = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+        else:
+            vector = means[0] if pooling == "mean" else encoded[0]["pooler_output"].double()
+            head = model.heads[task]
+            expected = vector @ head.weight.double().T + head.bias.double()
+            expected = expected.squeeze(-1) if task == "para" else expected
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_mean_pool_ignores_padding():
