@@ -17,18 +17,32 @@ for Multi-Task Learning":
                                                                             focused tasks' GLS
 
 Why GLS: its gradient is dGLS/dL_i = GLS / (n L_i), so each task is weighted by the inverse of its
-own loss. A task whose loss is large (e.g. STS MSE vs. a PARA BCE) no longer dominates the sum,
-and the result does not change if one task's loss is rescaled by a constant (it only rescales GLS).
+own loss. A task whose loss is large (e.g. STS MSE vs. a PARA BCE) no longer dominates the sum.
+Rescaling one task's loss by a constant c multiplies GLS, and so the whole gradient, by c^(1/n)
+without changing its direction, and Adam's update does not change under a global rescaling of
+the gradient (up to its ε): so under GLS and FLS the scale of a task's loss does not matter, as
+long as every step holds every task (the break and round-robin samplers). With one task per
+step (sequential, proportional) GLS of the one loss is that loss, and the scales do matter, as
+they do under the sum: a task with a 25x smaller loss gets 25x smaller steps than the others.
 
-Surprising things:
-- Both geometric strategies are computed in log space, exp(mean_i log L_i), since a product of
-  many small losses underflows. Each L_i is first clamped below at LOSS_FLOOR = 1e-8: log(0) is
-  -inf and dGLS/dL_i = GLS / (n L_i) grows without bound as L_i -> 0, so a solved task (a loss
-  of exactly 0, or 1e-30) would otherwise give NaN or inf in the loss or its gradients. Below
-  the floor the task gets zero gradient, which is what a solved task should get.
-- FLS when no focused task is in this step's losses is just GLS. Only the focused tasks present
-  in `losses` count towards the second factor, so with the sequential sampler (one task per
-  step) an SST step gets L_sst, and a PARA step with focus=('para',) gets L_para * L_para.
+What FLS does, by sampler:
+- Every task in every step (break, round-robin): dFLS/dL_j = FLS (1/n + 1/|F|) / L_j for a focused
+  task j and FLS / (n L_i) for the others: relative to the other tasks, a focused task's gradient
+  weight is (1 + n/|F|) times what GLS gives it, 4 times for PARA alone among three tasks.
+- One task per step (sequential, proportional): a PARA step with focus=('para',) gets L_para ·
+  L_para = L_para², whose gradient 2 L_para ∇L_para is *smaller* than a plain PARA step's once
+  L_para < 0.5: the focused task's steps shrink as it learns, the opposite of a focus.
+  FLS when no focused task is in this step's losses is just GLS: only the focused tasks present in
+  `losses` count towards the second factor.
+
+The floor. Both geometric strategies are computed in log space, exp(mean_i log L_i), since a
+product of many small losses underflows, and each L_i is first clamped below at LOSS_FLOOR = 1e-8:
+log(0) is -inf and dGLS/dL_i = GLS / (n L_i) grows without bound as L_i -> 0, so a solved task (a
+loss of exactly 0, or 1e-30) would otherwise give NaN or inf. The clamp is a cliff, not a smooth
+cap: just above the floor a task gets the largest weight GLS gets, GLS / (n · 1e-8), and below it
+none. A batch of 32 has a mean cross-entropy under 1e-8 only if every example's true class gets a
+probability above 1 - 3.2e-7 (and a mean STS error under 1e-8 only if every prediction is within
+5.7e-4 of its score), so on real batches the cliff guards against NaN rather than weighting tasks.
 """
 import torch
 import torch.nn.functional as F

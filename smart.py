@@ -46,14 +46,14 @@ Choices the paper leaves open, and what we do:
 Cost: the clean output is recomputed here with dropout off (the task loss's forward has dropout
 on), so per task and step: K + 2 forward passes with gradient (clean, K ascent, perturbed), one
 teacher forward under no_grad, K backward passes to the perturbation, and a training backward
-through two more graphs, against one forward and one backward for a plain step. Measured with
-`python tests/test_smart.py` (SST batch of 8, all-MiniLM-L6-v2, AdamW, 2 shared CPU cores): a SMART
-step (K = 1) takes 3.5-3.8x as long as a plain one.
+through two more graphs, against one forward and one backward for a plain step. `python bench.py
+--only smart` times the two (SST batches of 32, all-MiniLM-L6-v2, AdamW); an earlier measurement
+at batch 8 on 2 shared CPU cores gave 3.5-3.8x for a SMART step (K = 1).
 
 Surprising: at the paper's ε = 1e-5 the adversarial term is numerically tiny on this checkpoint.
-Its word embeddings have mean |x| ≈ 0.04, and the same script prints R_s ≈ 1e-8 next to
-D_Breg ≈ 1e-2 after 20 steps on SST, and under bfloat16 autocast a 1e-5 change is mostly lost in
-the rounding of the activations. At these defaults the Bregman term does nearly all the
+Its word embeddings have mean |x| ≈ 0.04; an earlier session measured R_s ≈ 1e-8 next to
+D_Breg ≈ 1e-2 after 20 steps on SST (not re-run since), and under bfloat16 autocast a 1e-5
+change is mostly lost in the rounding of the activations. At these defaults the Bregman term does nearly all the
 regularising; ε = 1e-3 to 1e-2 gives R_s ≈ 1e-5 to 1e-3 on SST's fresh head, 1e-3 to 1e-1 on STS.
 """
 from contextlib import contextmanager

@@ -1,4 +1,4 @@
-"""The README's results table, reproduced by one command.
+"""The results table (results/README.md), reproduced by one command.
 
     python results/table.py --data_dir ../shared/data            # run every unfinished row, print the table
     python results/table.py --data_dir ../shared/data --dry_run  # print the table of the finished rows only
@@ -30,8 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-# the flags that do not change what a run learns; the value of each flag added after some rows ran
-from train import BEFORE_THE_FLAG, NOT_TRAINING  # noqa: E402
+# the flags that do not change what a run learns (paths, devices, speed)
+from train import FREE_ON_RESUME  # noqa: E402
 
 # (row name, what the row is, train.py flags); a row whose flags are ("epoch", N, "other row")
 # reads epoch N of the other row's run instead of running: at a constant learning rate the first
@@ -58,8 +58,6 @@ SECTIONS = [
         ("sst-alone-5ep", "SST alone, 5 epochs (best: epoch 2)", "--tasks sst --epochs 5"),
         ("sst-alone-lr5e-5", "SST alone, lr 5e-5 (best: epoch 2)", "--tasks sst --lr 5e-5"),
         ("sst-alone-dropout0", "SST alone, dropout 0 (best: epoch 2)", "--tasks sst --hidden_dropout_prob 0"),
-        ("sst-alone-decay0.9", "SST alone, layer-wise lr decay 0.9 from lr 2e-4 (best: epoch 2)",
-         "--tasks sst --layer_decay 0.9 --lr 2e-4"),
     ]),
     ("Multi-task, batch 8, constant lr 5e-5, dropout 0.1 (the defaults before batch 32)", [
         ("main-b8", "GLS + round-robin, 3 epochs", f"{MAIN} --epochs 3 {B8} {CONSTANT} {LR5E5}"),
@@ -218,7 +216,7 @@ def read_saved_runs():
 
 def runs_record(runs_dir, saved_before):
     """One record per finished row with a run of its own: its command, the flags it ran with
-    (args.json, less train.NOT_TRAINING's paths and speed flags), the best model's dev scores and
+    (args.json, less train.FREE_ON_RESUME's paths and speed flags), the best model's dev scores and
     every epoch's record.
     A row whose run is not in runs_dir keeps its record from `saved_before` (row name -> record):
     runs/ is not part of the repository, and a fresh clone must not wipe the saved results."""
@@ -234,9 +232,9 @@ def runs_record(runs_dir, saved_before):
                 continue
             saved = {}  # an --eval_only row trains nothing and saves no args.json
             if (out_dir / "args.json").is_file():
-                saved = {**BEFORE_THE_FLAG, **json.loads((out_dir / "args.json").read_text())}
+                saved = json.loads((out_dir / "args.json").read_text())
             records.append({"row": name, "run": label, "command": row_command(flags),
-                            "args": {k: v for k, v in saved.items() if k not in NOT_TRAINING},
+                            "args": {k: v for k, v in saved.items() if k not in FREE_ON_RESUME},
                             "best": json.loads((out_dir / "scores.json").read_text()),
                             "epochs": epoch_records(out_dir)})
     return records

@@ -24,12 +24,9 @@ import pytest
 import torch
 
 import train
-from bert import BertConfig, BertModel, write_safetensors
+from conftest import make_tiny_checkpoint, read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = dict(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-            max_position_embeddings=64, attention_probs_dropout_prob=0.0)
-
 # Runs train.main once per run in sys.argv[1] (a JSON list of {"argv": [...], "poison": bool}), in
 # this process, which may be one rank of several. For each run it saves <out_dir>-<rank>.pt: the
 # loss and the summed gradients of every step, and the weights at the end of training.
@@ -83,16 +80,6 @@ RUNS = {  # name: (flags, NaN on rank 1, also run in one process)
 }
 
 
-def make_tiny_checkpoint(folder, vocab_file):
-    folder.mkdir(parents=True)
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(**TINY))
-    (folder / "config.json").write_text(json.dumps({**TINY, "model_type": "bert", "hidden_act": "gelu"}))
-    write_safetensors(folder / "model.safetensors", model.state_dict(), metadata={"format": "pt"})
-    (folder / "vocab.txt").write_bytes(vocab_file.read_bytes())
-    return folder
-
-
 def worker_runs(data_dir, bert, folder, names, resume=False):
     runs = []
     for name in names:
@@ -123,7 +110,7 @@ def run_worker(tmp, launcher, runs):
 def runs(tmp_path_factory, data_dir, checkpoint_dir):
     """(folder of the two-process runs, folder of the one-process runs, the two-process stdout)."""
     tmp = tmp_path_factory.mktemp("distributed")
-    bert = make_tiny_checkpoint(tmp / "tiny", checkpoint_dir / "vocab.txt")
+    bert = make_tiny_checkpoint(tmp / "tiny", checkpoint_dir / "vocab.txt", attention_probs_dropout_prob=0.0)
     two, one = tmp / "two", tmp / "one"
     two.mkdir(), one.mkdir()
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -134,11 +121,6 @@ def runs(tmp_path_factory, data_dir, checkpoint_dir):
 
 def load(path):
     return torch.load(path, weights_only=True)
-
-
-def read_metrics(out_dir):
-    """metrics.jsonl without the wall-clock 'seconds' field, which is the one thing allowed to differ."""
-    return train.read_metrics(out_dir, without=("seconds",))
 
 
 @pytest.mark.parametrize("name", RUNS)

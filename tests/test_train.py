@@ -45,15 +45,29 @@ def test_multitask_run_lowers_the_loss_and_writes_complete_predictions(tmp_path,
             check_prediction_file(out_dir / "predictions" / f"{task}-{name}-output.csv", task, ids)
 
 
-@pytest.mark.parametrize("sampler", ["sequential", "break", "roundrobin", "proportional"])
+# --limit 16 at batch 8: two batches per task, so an epoch is 2 steps with break and round-robin
+# (every task in every step) and 6 with sequential and proportional (one task a step).
+STEPS = {"sequential": 6, "break": 2, "roundrobin": 2, "proportional": 6}
+
+
+@pytest.mark.parametrize("sampler", STEPS)
 @pytest.mark.parametrize("loss", ["sum", "gls", "fls"])
 def test_every_sampler_and_loss_strategy_trains(tmp_path, data_dir, sampler, loss):
+    import torch
     out_dir, scores = run(tmp_path, data_dir, "--limit", "16", "--eval_limit", "16", "--epochs", "1",
                           "--batch_size", "8", "--lr", "1e-4", "--loss", loss, "--sampler", sampler)
     (record,) = train.read_metrics(out_dir)
-    assert record["skipped_steps"] == 0
-    assert 0 < record["train_loss"] < 10
+    assert record["skipped_steps"] == 0 and record["train_loss"] > 0
     assert set(scores) == {"sst", "para", "sts"}
+    last = torch.load(out_dir / "last.pt", weights_only=True)
+    state = last["optimizer"]["state"]
+    assert int(state[0]["step"]) == STEPS[sampler]  # parameter 0, the word embeddings, is in every step
+    # every head was trained (STS's has no weights: its score is the encoder's cosine)
+    torch.manual_seed(11711)  # as main() does before it builds the model: the same initial heads
+    initial = train.build_model(train.parse_args([]), train.default_checkpoint_path(), torch.device("cpu"))
+    for name, value in initial.state_dict().items():
+        if name.startswith("heads.") or name == "encoder.embeddings.word.weight":
+            assert not torch.equal(last["model"][name], value), name
 
 
 def test_single_task_pretrain_only_trains_the_head(tmp_path, data_dir):
@@ -67,14 +81,14 @@ def test_single_task_pretrain_only_trains_the_head(tmp_path, data_dir):
     assert sorted(k for k in state if k.startswith("heads.")) == ["heads.cfimdb.bias", "heads.cfimdb.weight"]
 
 
-def test_fused_optimizer_trains_like_the_foreach_one(tmp_path, data_dir):
-    # optim.py's tests hold the two updates equal to float rounding; here train.py wires it in.
+def test_fused_optimizer_trains_like_the_eager_one(tmp_path, data_dir):
+    # optim.py's tests hold the compiled update equal to the eager one; here train.py wires it in.
     flags = ["--tasks", "sst", "--limit", "48", "--eval_limit", "48", "--epochs", "1", "--lr", "1e-4",
              "--batch_size", "8"]
-    foreach_dir, foreach = run(tmp_path, data_dir, *flags, name="foreach")
+    eager_dir, eager = run(tmp_path, data_dir, *flags, name="eager")
     fused_dir, fused = run(tmp_path, data_dir, *flags, "--fused_optimizer", name="fused")
-    assert fused == foreach
-    assert train.read_metrics(fused_dir)[0]["train_loss"] == pytest.approx(train.read_metrics(foreach_dir)[0]["train_loss"], rel=1e-5)
+    assert fused == eager
+    assert train.read_metrics(fused_dir)[0]["train_loss"] == pytest.approx(train.read_metrics(eager_dir)[0]["train_loss"], rel=1e-5)
 
 
 def test_linear_schedule_lowers_the_learning_rate_to_nearly_zero(tmp_path, data_dir):
@@ -89,7 +103,7 @@ def test_linear_schedule_lowers_the_learning_rate_to_nearly_zero(tmp_path, data_
     assert constant["optimizer"]["param_groups"][0]["lr"] == 1e-4
     assert not torch.equal(last["model"]["heads.sst.weight"], constant["model"]["heads.sst.weight"])
     # the epochs set the schedule: a resumed run may not change them
-    with pytest.raises(train.RunError, match="--epochs 2; with --lr_schedule linear"):
+    with pytest.raises(train.RunError, match="--epochs 2; under its --lr_schedule linear"):
         run(tmp_path, data_dir, *flags[:-4], "--epochs", "3", *flags[-2:], "--resume")
 
 
@@ -103,70 +117,51 @@ def test_warmup_raises_the_rate_from_zero_then_the_schedule_takes_the_rest():
     assert train.learning_rate(plain, 0.0) == 1e-4 and train.learning_rate(plain, 0.75) == pytest.approx(2.5e-5)
 
 
-def test_layer_decay_gives_each_depth_its_own_rate(tmp_path, data_dir):
-    import torch
-    args = train.parse_args(["--layer_decay", "0.5"])
-    model = train.build_model(args, train.default_checkpoint_path(), torch.device("cpu"))
-    groups = train.parameter_groups(args, model)
-    grouped = [p for g in groups for p in g["params"]]
-    assert len(grouped) == len(set(map(id, grouped))) == len(list(model.parameters()))
-    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
-    params = dict(model.named_parameters())
-    assert scale[id(params["heads.sst.weight"])] == 1.0
-    assert scale[id(params["encoder.layers.5.ffn_out.weight"])] == 0.5  # the top layer of 6
-    assert scale[id(params["encoder.layers.0.attention.qkv.weight"])] == 0.5 ** 6
-    assert scale[id(params["encoder.embeddings.word.weight"])] == 0.5 ** 7
-    # train.py sets each group's rate from the schedule times its scale
-    out_dir, _ = run(tmp_path, data_dir, "--tasks", "sst", "--limit", "16", "--eval_limit", "8", "--epochs", "1",
-                     "--batch_size", "8", "--max_length", "32", "--layer_decay", "0.5", "--lr_schedule", "constant")
-    saved = torch.load(out_dir / "last.pt", weights_only=True)["optimizer"]["param_groups"]
-    assert sorted(g["lr"] for g in saved) == pytest.approx(sorted(1e-4 * 0.5 ** d for d in range(8)))
-
-
-def test_swap_pairs_trains_para_one_order_a_step_and_scores_both(tmp_path, data_dir, monkeypatch):
-    batches = []  # (task, order asked for, encodings in the batch)
-    original = tasks.TaskData.batch
-
-    def recording_batch(self, indices, order=None):
-        batch = original(self, indices, order)
-        batches.append((self.task, order, len(batch["inputs"])))
-        return batch
-
-    monkeypatch.setattr(tasks.TaskData, "batch", recording_batch)
-    run(tmp_path, data_dir, "--tasks", "para,sst", "--swap_pairs", "--limit", "24", "--eval_limit", "8", "--epochs",
-        "1", "--batch_size", "8", "--max_length", "32", "--sampler", "roundrobin")
-    para = [(order, n) for task, order, n in batches if task == "para"]
-    assert para[:3] == [(0, 1), (1, 1), (0, 1)]  # training, 3 steps: one order a step, alternating
-    assert para[3:] and set(para[3:]) == {(None, 2)}  # dev and test: both orders, every batch
-    assert {(order, n) for task, order, n in batches if task == "sst"} == {(None, 1)}
-
-
-def test_resuming_a_run_saved_before_a_flag_existed_takes_it_as_off(tmp_path, data_dir):
-    import torch
+def test_resume_takes_the_runs_flags_from_last_pt(tmp_path, data_dir):
     flags = ["--tasks", "sst", "--limit", "16", "--eval_limit", "8", "--max_length", "32", "--batch_size", "8",
-             "--epochs", "1", "--lr_schedule", "constant"]
+             "--epochs", "1", "--lr_schedule", "constant", "--lr", "3e-4"]
     out_dir, _ = run(tmp_path, data_dir, *flags)
-    last = torch.load(out_dir / "last.pt", weights_only=True)
-    for name in ("warmup", "layer_decay", "swap_pairs"):  # as a last.pt from before these flags
-        del last["args"][name]
-    for group in last["optimizer"]["param_groups"]:
-        del group["lr_scale"]
-    torch.save(last, out_dir / "last.pt")
-    with pytest.raises(train.RunError, match="saved with --warmup 0.0, not 0.1"):
-        run(tmp_path, data_dir, *flags, "--warmup", "0.1", "--resume")
-    longer = [*flags[:-4], "--epochs", "2", "--lr_schedule", "constant"]
-    run(tmp_path, data_dir, *longer, "--resume")  # at a constant rate a run may be extended
+    # the run's folder and a longer run are all it takes: its flags come from last.pt
+    train.main(["--resume", "--out_dir", str(out_dir), "--data_dir", str(data_dir), "--epochs", "2"])
     assert [m["epoch"] for m in train.read_metrics(out_dir)] == [1, 2]
-    run(tmp_path, data_dir, *flags, "--warmup", "0.5", name="warmup")
-    with pytest.raises(train.RunError, match="with --warmup 0.5 the epochs set the schedule"):
-        run(tmp_path, data_dir, *longer, "--warmup", "0.5", "--resume", name="warmup")
+    resumed = json.loads((out_dir / "args.json").read_text())
+    assert (resumed["tasks"], resumed["limit"], resumed["lr"], resumed["epochs"]) == (["sst"], 16, 3e-4, 2)
+    with pytest.raises(train.RunError, match=r"saved with --lr 0\.0003, not 0\.001; resume with the run's own"):
+        train.main(["--resume", "--out_dir", str(out_dir), "--data_dir", str(data_dir), "--epochs", "3", "--lr", "1e-3"])
+    with pytest.raises(train.RunError, match="holds a finished run of 2 epochs, nothing to resume"):
+        train.main(["--resume", "--out_dir", str(out_dir), "--data_dir", str(data_dir)])
+    warm_dir, _ = run(tmp_path, data_dir, *flags, "--warmup", "0.5", name="warmup")
+    with pytest.raises(train.RunError, match=r"under its --lr_schedule constant \(and --warmup 0\.5\) the epochs"):
+        train.main(["--resume", "--out_dir", str(warm_dir), "--data_dir", str(data_dir), "--epochs", "2"])
 
 
-def test_eval_only_reproduces_the_best_checkpoints_scores(tmp_path, data_dir):
-    flags = ["--tasks", "sst", "--limit", "16", "--eval_limit", "24", "--epochs", "1"]
-    out_dir, scores = run(tmp_path, data_dir, *flags)
-    _, again = run(tmp_path, data_dir, *flags, "--eval_only", "--checkpoint", str(out_dir / "best.pt"), name="eval")
-    assert again == scores
+def snapshot(folder):
+    """Every file below `folder`, but for the evaluations' own folders: {path: bytes}."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.relative_to(folder).parts[0].startswith("eval-")}
+
+
+def test_eval_only_never_overwrites_a_run(tmp_path, data_dir, monkeypatch):
+    # `python train.py --tasks sst`, then `python train.py --tasks sst --eval_only`, with their
+    # default folders (runs/... under the working directory)
+    monkeypatch.chdir(tmp_path)
+    flags = ["--data_dir", str(data_dir), "--tasks", "sst", "--limit", "16", "--eval_limit", "24", "--epochs", "1",
+             "--device", "cpu"]
+    trained = train.main(flags)
+    run_dir = tmp_path / train.parse_args(flags).out_dir
+    before = snapshot(run_dir)
+    assert "scores.json" in before and "predictions/sst-dev-output.csv" in before
+    train.main(flags + ["--eval_only"])  # the released encoder, an untrained head: into a folder of its own
+    assert snapshot(run_dir) == before
+    assert (tmp_path / "runs" / "eval-sst-released" / "predictions" / "sst-dev-output.csv").is_file()
+    again = train.main(flags + ["--eval_only", "--checkpoint", str(run_dir / "best.pt")])  # into run_dir/eval-best
+    assert again == trained and snapshot(run_dir) == before
+    assert (run_dir / "eval-best" / "predictions" / "sst-dev-output.csv").read_bytes() == \
+        before["predictions/sst-dev-output.csv"]
+    for second in (flags + ["--eval_only"], flags):  # the same commands again: refused, nothing touched
+        with pytest.raises(train.RunError, match="already holds a run"):
+            train.main(second)
+    assert snapshot(run_dir) == before
 
 
 def test_eval_only_without_a_checkpoint_scores_the_encoder_as_released(tmp_path, data_dir):
