@@ -33,7 +33,7 @@ def start(device):
         RANK, WORLD_SIZE = 0, 1
         return device
     if device.type == "cuda":
-        local_rank = int(os.environ["LOCAL_RANK"])
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if local_rank >= torch.cuda.device_count():
             raise RuntimeError(f"LOCAL_RANK {local_rank}, but this machine has {torch.cuda.device_count()} CUDA "
                                "device(s): start at most that many processes per node (--nproc_per_node)")

@@ -21,9 +21,12 @@ own loss. A task whose loss is large (e.g. STS MSE vs. a PARA BCE) no longer dom
 Rescaling one task's loss by a constant c multiplies GLS, and so the whole gradient, by c^(1/n)
 without changing its direction, and Adam's update does not change under a global rescaling of
 the gradient (up to its ε): so under GLS and FLS the scale of a task's loss does not matter, as
-long as every step holds every task (the break and round-robin samplers). With one task per
-step (sequential, proportional) GLS of the one loss is that loss, and the scales do matter, as
-they do under the sum: a task with a 25x smaller loss gets 25x smaller steps than the others.
+long as every step holds every task (the break and round-robin samplers), the gradient is not
+clipped (clipping looks at its norm) and no SMART term is added (those are not rescaled). With
+one task per step (sequential, proportional) GLS of the one loss is that loss, and the scales
+matter, as under the sum: Adam normalises each weight by its own running gradient size, so a
+task's own head does not care, but on the shared encoder a task with a 25x smaller loss takes
+steps roughly 25x smaller than the tasks it alternates with.
 
 What FLS does, by sampler:
 - Every task in every step (break, round-robin): dFLS/dL_j = FLS (1/n + 1/|F|) / L_j for a focused

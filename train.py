@@ -29,7 +29,8 @@ last.pt every N steps. `--resume` takes the run's flags from last.pt, restores t
 optimizer, SMART teacher, random-number states and the position in the epoch's plan, rewrites
 metrics.jsonl from the history last.pt holds, and ends with the same weights, bit for bit on the
 same CPU, as a run never stopped. A run killed between the two saves retrains the epoch
-last.pt does not record, and so rewrites best.pt with the same weights.
+last.pt does not record, and so rewrites best.pt with the same weights (on the same machine; on
+another device or number of ranks that epoch may end elsewhere).
 
 Errors. Input a user can get wrong (a flag, a data file, a checkpoint, an --out_dir that holds
 a run already) is checked before anything is written, and stops the run with one `error:` line
@@ -61,8 +62,9 @@ from tokenizer import BertTokenizer
 
 MAX_BAD_STEPS_IN_A_ROW = 20  # non-finite steps skipped in a row before the run is stopped
 # Flags that say where a run reads and writes and how fast it runs, not what it learns: a resumed
-# run may give them anew. Every other flag comes from last.pt (and --epochs may grow at a constant
-# rate without warm-up, where it sets no step's rate).
+# run may give them anew (--bert: the same checkpoint, moved). Every other flag comes from last.pt,
+# but --epochs, which may change at a constant rate without warm-up, where it sets no step's rate.
+# A finished run so extended replaces its predictions and scores.json at its new end.
 FREE_ON_RESUME = {"out_dir", "data_dir", "bert", "device", "save_every", "eval_batch_size", "compile",
                   "fused_optimizer", "resume"}
 
@@ -110,6 +112,8 @@ def main(argv=None):
                 write_metrics(out_dir, progress["history"])
         if args.resume:
             log(f"resuming from {out_dir / 'last.pt'}: epoch {progress['epoch'] + 1}, step {progress['step']}")
+        else:  # so that a run stopped at any moment from here on can be resumed
+            save_resumable(out_dir / "last.pt", args, model, optimizer, regulariser, progress, device)
         train(args, model, optimizer, regulariser, progress, train_data, dev_data, device, out_dir)
         distributed.barrier()  # rank 0 has written best.pt
         model.load_state_dict(load_model_state(out_dir / "best.pt", model))
@@ -566,8 +570,8 @@ def build_parser():
     g = p.add_argument_group("data, checkpoints, devices")
     g.add_argument("--data_dir", default="data", help="folder with the CS224N task files")
     g.add_argument("--bert", default=None, help="BERT checkpoint folder (default: the installed all-MiniLM-L6-v2)")
-    g.add_argument("--out_dir", default=None, help="where the run's files go (default runs/<name from the flags>; "
-                   "with --eval_only, eval-<checkpoint name> beside --checkpoint)")
+    g.add_argument("--out_dir", default=None, help="where the run's files go (default runs/<name from the flags>; with "
+                   "--eval_only, eval-<checkpoint name> beside --checkpoint, or runs/eval-<tasks>-released)")
     g.add_argument("--limit", type=int, default=None, help="at most N training examples per task (quick runs)")
     g.add_argument("--eval_limit", type=int, default=None, help="at most N dev/test examples per task (quick runs)")
     g.add_argument("--eval_batch_size", type=int, default=64)
@@ -661,6 +665,8 @@ def flags_of_the_run(args, given, path):
     if epochs != saved["epochs"] and (saved["lr_schedule"] != "constant" or saved["warmup"]):
         raise RunError(f"--resume: {path} was saved with --epochs {saved['epochs']}; under its --lr_schedule "
                        f"{saved['lr_schedule']} (and --warmup {saved['warmup']:g}) the epochs set every step's rate")
+    if epochs < state["progress"]["epoch"]:
+        raise RunError(f"--resume: {path} has {state['progress']['epoch']} epochs done, more than --epochs {epochs}")
     if state["progress"]["epoch"] >= epochs and (path.parent / "scores.json").exists():
         raise RunError(f"--resume: {path.parent} holds a finished run of {epochs} epochs, nothing to resume")
     return argparse.Namespace(**{**saved, **{name: now[name] for name in given & FREE_ON_RESUME},
@@ -683,8 +689,8 @@ def cli():
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("\ninterrupted: run the same command with --resume to continue from the last checkpoint "
-              "(last.pt in the run's folder)", file=sys.stderr)
+        print("\ninterrupted: a training run continues from its last checkpoint with the same command "
+              "plus --resume", file=sys.stderr)
         sys.exit(130)
 
 

@@ -413,7 +413,8 @@ def test_same_seed_on_the_same_cpu_gives_the_same_run_bit_for_bit(tmp_path, data
 
 
 # Runs train.py in a process that SIGKILLs itself while writing its second mid-epoch checkpoint
-# (after step 4 of epoch 1): the temporary file is half written and last.pt holds step 2.
+# (after step 4 of epoch 1; the first last.pt is saved before step 1): the temporary file is half
+# written and last.pt holds step 2.
 KILLED_WHILE_SAVING = """
 import os, signal, sys
 import train
@@ -421,7 +422,7 @@ saves = 0
 def save_atomically(obj, path, save=train.save_atomically):
     global saves
     saves += path.name == "last.pt"
-    if saves == 2:
+    if saves == 3:
         with open(str(path) + ".tmp", "wb") as f:
             f.write(b"half a checkpoint")
         os.kill(os.getpid(), signal.SIGKILL)
@@ -481,5 +482,28 @@ def test_an_interrupt_at_the_end_of_an_epoch_leaves_a_run_that_resumes_exactly(
     assert (last["epoch"], last["step"]) == ((0, 4) if when.startswith("best") else (1, 0))
     monkeypatch.undo()
 
+    train.main(run_flags(data_dir, tiny, out_dir, "--resume"))
+    assert_same_run(uninterrupted, out_dir)
+
+
+def test_a_run_stopped_before_its_first_checkpoint_would_have_been_saved_resumes(tmp_path, data_dir, tiny, monkeypatch,
+                                                                                capsys, uninterrupted):
+    """Without --save_every the first epoch's end is the first regular save; a Ctrl-C before it
+    (here: as best.pt is written) must still leave a run that --resume continues exactly."""
+    out_dir = tmp_path / "run"
+    flags = [f for f in run_flags(data_dir, tiny, out_dir)]
+    save = train.save_atomically
+
+    def save_atomically(obj, path):
+        if path.name == "best.pt":
+            raise KeyboardInterrupt
+        save(obj, path)
+
+    monkeypatch.setattr(train, "save_atomically", save_atomically)
+    monkeypatch.setattr(sys, "argv", ["train.py", *flags, "--save_every", "0"])
+    with pytest.raises(SystemExit):
+        train.cli()
+    monkeypatch.undo()
+    assert torch.load(out_dir / "last.pt", weights_only=True)["progress"]["step"] == 0
     train.main(run_flags(data_dir, tiny, out_dir, "--resume"))
     assert_same_run(uninterrupted, out_dir)
