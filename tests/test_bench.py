@@ -93,7 +93,8 @@ def test_quick_run_prints_each_tables_contenders_reference_first(data_dir, capsy
     # the optimizer table is left out: compiling fused=True can take longer than this whole test
     threads = torch.get_num_threads()
     try:
-        bench.main(["--quick", "--threads", "1", "--data_dir", str(data_dir), "--only", "encoder,tokenizer,data,smart"])
+        bench.main(["--quick", "--rounds", "1", "--threads", "1", "--data_dir", str(data_dir),
+                    "--only", "encoder,tokenizer,data,smart"])
     finally:
         torch.set_num_threads(threads)
     tables = capsys.readouterr().out.split("\n\n")[1:]

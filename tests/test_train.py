@@ -50,9 +50,17 @@ def test_multitask_run_lowers_the_loss_and_writes_complete_predictions(tmp_path,
 STEPS = {"sequential": 6, "break": 2, "roundrobin": 2, "proportional": 6}
 
 
+@pytest.fixture(scope="module")
+def initial_state():
+    """The multi-task model's weights before training, as main() builds it (seeded first)."""
+    import torch
+    torch.manual_seed(11711)
+    return train.build_model(train.parse_args([]), train.default_checkpoint_path(), torch.device("cpu")).state_dict()
+
+
 @pytest.mark.parametrize("sampler", STEPS)
 @pytest.mark.parametrize("loss", ["sum", "gls", "fls"])
-def test_every_sampler_and_loss_strategy_trains(tmp_path, data_dir, sampler, loss):
+def test_every_sampler_and_loss_strategy_trains(tmp_path, data_dir, sampler, loss, initial_state):
     import torch
     out_dir, scores = run(tmp_path, data_dir, "--limit", "16", "--eval_limit", "16", "--epochs", "1",
                           "--batch_size", "8", "--lr", "1e-4", "--loss", loss, "--sampler", sampler)
@@ -63,9 +71,7 @@ def test_every_sampler_and_loss_strategy_trains(tmp_path, data_dir, sampler, los
     state = last["optimizer"]["state"]
     assert int(state[0]["step"]) == STEPS[sampler]  # parameter 0, the word embeddings, is in every step
     # every head was trained (STS's has no weights: its score is the encoder's cosine)
-    torch.manual_seed(11711)  # as main() does before it builds the model: the same initial heads
-    initial = train.build_model(train.parse_args([]), train.default_checkpoint_path(), torch.device("cpu"))
-    for name, value in initial.state_dict().items():
+    for name, value in initial_state.items():
         if name.startswith("heads.") or name == "encoder.embeddings.word.weight":
             assert not torch.equal(last["model"][name], value), name
 
