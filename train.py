@@ -23,9 +23,9 @@ flags> by default): args.json; metrics.jsonl, a line per epoch; best.pt, the mod
 epoch by the overall dev score; last.pt, everything needed to go on; at the end predictions/,
 the CS224N leaderboard files of the best model, and scores.json, its dev scores, written last.
 
-Saving and resuming. At the end of an epoch best.pt (when the epoch is the best so far), then
-last.pt are saved, each atomically (a temporary file, then a rename); --save_every N also saves
-last.pt every N steps. `--resume` takes the run's flags from last.pt, restores the weights,
+Saving and resuming. A new run saves last.pt before its first step; at the end of an epoch
+best.pt (when the epoch is the best so far), then last.pt are saved, each atomically (a temporary
+file, then a rename); --save_every N also saves last.pt every N steps. `--resume` takes the run's flags from last.pt, restores the weights,
 optimizer, SMART teacher, random-number states and the position in the epoch's plan, rewrites
 metrics.jsonl from the history last.pt holds, and ends with the same weights, bit for bit on the
 same CPU, as a run never stopped. A run killed between the two saves retrains the epoch

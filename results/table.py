@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 # the flags that do not change what a run learns (paths, devices, speed)
-from train import FREE_ON_RESUME  # noqa: E402
+from train import FREE_ON_RESUME, read_metrics  # noqa: E402
 
 # (row name, what the row is, train.py flags); a row whose flags are ("epoch", N, "other row")
 # reads epoch N of the other row's run instead of running: at a constant learning rate the first
@@ -162,17 +162,11 @@ def run_row(name, flags, runs_dir, data_dir):
         sys.exit(f"error: {name} failed (exit {code}); see {runs_dir / name}.log")
 
 
-def epoch_records(out_dir):
-    """The run's metrics.jsonl, one record per finished epoch ([] before the first)."""
-    path = out_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
 def row_result(name, flags, runs_dir):
     """(dev scores, overall, epochs, minutes) of a finished row, or None."""
     if isinstance(flags, tuple):
         _, epoch, other = flags
-        records = epoch_records(runs_dir / other)
+        records = read_metrics(runs_dir / other)
         if len(records) < epoch:
             return None
         record = records[epoch - 1]
@@ -181,7 +175,7 @@ def row_result(name, flags, runs_dir):
     if not (out_dir / "scores.json").is_file():
         return None
     summary = json.loads((out_dir / "scores.json").read_text())
-    records = epoch_records(out_dir)
+    records = read_metrics(out_dir)
     seconds = sum(r["seconds"] for r in records) if records else summary["seconds"]
     return summary["dev"], summary["overall"], len(records), seconds / 60
 
@@ -236,7 +230,7 @@ def runs_record(runs_dir, saved_before):
             records.append({"row": name, "run": label, "command": row_command(flags),
                             "args": {k: v for k, v in saved.items() if k not in FREE_ON_RESUME},
                             "best": json.loads((out_dir / "scores.json").read_text()),
-                            "epochs": epoch_records(out_dir)})
+                            "epochs": read_metrics(out_dir)})
     return records
 
 

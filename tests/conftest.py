@@ -127,6 +127,14 @@ def poisoned_task_loss(task_loss, nan_loss_calls=(), nan_gradient_calls=()):
     return poisoned
 
 
+def snapshot(folder):
+    """Every file below `folder`, {relative path: bytes}; None if there is no folder. What a
+    command that must write nothing there leaves as it was."""
+    if not folder.exists():
+        return None
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def read_metrics(out_dir):
     """metrics.jsonl without the wall-clock 'seconds' field, which is the one thing allowed to differ."""
     import train

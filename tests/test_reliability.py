@@ -22,7 +22,7 @@ import torch
 
 import train
 from bert import BertModel, CheckpointError, read_safetensors
-from conftest import make_tiny_checkpoint, poisoned_task_loss, read_metrics, write_safetensors
+from conftest import make_tiny_checkpoint, poisoned_task_loss, read_metrics, snapshot, write_safetensors
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -192,13 +192,6 @@ BAD_INPUTS = [
     ("--checkpoint not a checkpoint", lambda t, d, b: ["--eval_only", "--checkpoint", str(
         write_file(t / "best.pt", b"PK\x03\x04 no zip"))], r"best\.pt: not a readable checkpoint"),
 ]
-
-
-def snapshot(folder):
-    """Every file below `folder`, {path: bytes}; None if there is no folder."""
-    if not folder.exists():
-        return None
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("build, message", [pytest.param(b, m, id=name) for name, b, m in BAD_INPUTS])

@@ -6,6 +6,7 @@ import pytest
 
 import tasks
 import train
+from conftest import snapshot
 
 
 def run(tmp_path, data_dir, *flags, name="run"):
@@ -141,10 +142,9 @@ def test_resume_takes_the_runs_flags_from_last_pt(tmp_path, data_dir):
         train.main(["--resume", "--out_dir", str(warm_dir), "--data_dir", str(data_dir), "--epochs", "2"])
 
 
-def snapshot(folder):
-    """Every file below `folder`, but for the evaluations' own folders: {path: bytes}."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and not p.relative_to(folder).parts[0].startswith("eval-")}
+def run_files(folder):
+    """conftest.snapshot of a run's folder, but for the evaluations' own folders inside it."""
+    return {path: data for path, data in snapshot(folder).items() if not path.startswith("eval-")}
 
 
 def test_eval_only_never_overwrites_a_run(tmp_path, data_dir, monkeypatch):
@@ -155,19 +155,19 @@ def test_eval_only_never_overwrites_a_run(tmp_path, data_dir, monkeypatch):
              "--device", "cpu"]
     trained = train.main(flags)
     run_dir = tmp_path / train.parse_args(flags).out_dir
-    before = snapshot(run_dir)
+    before = run_files(run_dir)
     assert "scores.json" in before and "predictions/sst-dev-output.csv" in before
     train.main(flags + ["--eval_only"])  # the released encoder, an untrained head: into a folder of its own
-    assert snapshot(run_dir) == before
+    assert run_files(run_dir) == before
     assert (tmp_path / "runs" / "eval-sst-released" / "predictions" / "sst-dev-output.csv").is_file()
     again = train.main(flags + ["--eval_only", "--checkpoint", str(run_dir / "best.pt")])  # into run_dir/eval-best
-    assert again == trained and snapshot(run_dir) == before
+    assert again == trained and run_files(run_dir) == before
     assert (run_dir / "eval-best" / "predictions" / "sst-dev-output.csv").read_bytes() == \
         before["predictions/sst-dev-output.csv"]
     for second in (flags + ["--eval_only"], flags):  # the same commands again: refused, nothing touched
         with pytest.raises(train.RunError, match="already holds a run"):
             train.main(second)
-    assert snapshot(run_dir) == before
+    assert run_files(run_dir) == before
 
 
 def test_eval_only_without_a_checkpoint_scores_the_encoder_as_released(tmp_path, data_dir):
