@@ -17,19 +17,44 @@ Each table's first row is its reference; x = a row's time / the reference's, sam
              train.py's data path (ids cached once, padded to the longest), same examples and model.
              Ours tokenises the training set once up front: the tokenizer table's cold-cache time.
   smart      that step without vs with smart.SmartRegulariser (paper defaults, K = 1).
+  step       train.py's own training step (training_step: forward, backward, update) on SST batches, in
+             float32 with the eager update (the defaults before bf16) vs bf16 autocast, eager and fused
+             update (today's default here), beside a bf16 matmul of the encoder's FFN shape at the same
+             token counts: the matmul limit. FLOPs are counted by torch.utils.flop_counter.
+  epoch      whole runs, one process each: a full SST epoch and its dev pass by transformers' Trainer
+             (AutoModelForSequenceClassification, fast tokenizer, DataCollatorWithPadding) at its
+             defaults (fp32) and at its best here (bf16, group_by_length), vs `train.py --tasks sst
+             --epochs 1` at its defaults; same checkpoint, batch 32, lr 1e-4 falling linearly, max length
+             128, weight decay 0.01, threads. Wall time of the whole process (start-up to scores), best of
+             --rounds turns (--rounds 3 is plenty: a round is about five minutes here), and dev accuracy.
 
 Timing: on every batch the contenders take turns, round after round, in one process on the same
 threads; a batch's time is its median round (after a warm-up call each); a table shows the mean
 over batches. A load spike slows one turn, not one contender, so ratios hold on a shared machine
 where absolute times do not. More torch threads than idle cores make every parallel op wait for a
 descheduled thread: on a busy machine, use --threads 1.
+
+Memory: beside each row, the peak memory of the contender's work above its set-up (the models,
+optimizers and batches), measured in a fresh process per row, since freed memory stays with a
+process (glibc keeps it for reuse, torch's CUDA allocator caches it) and contenders measured one
+after another would hide each other's peaks: the peak resident set (Linux's VmHWM, reset after
+the set-up) over the first two calls on CPU, torch.cuda.max_memory_allocated() on CUDA. So it
+holds activations, gradients and the optimizer's state, created at the first step. For whole runs
+(the epoch table) it is the process's own peak resident set, everything included.
 """
 import argparse
+import ctypes
 import functools
+import json
 import os
 import random
+import shlex
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +65,7 @@ import optim
 import samplers
 import smart
 import tasks
+import train
 from bert import BertModel, default_checkpoint_path
 from tokenizer import BertTokenizer
 
@@ -52,6 +78,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per batch (default 5, --quick 2)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no_memory", action="store_true", help="leave out the peak-memory column (a process per row)")
+    p.add_argument("--memory_probe", default=None, help=argparse.SUPPRESS)  # internal: see `peak_memory_of`
+    p.add_argument("--trainer_epoch", choices=["fp32", "bf16"], default=None, help=argparse.SUPPRESS)  # internal
     args = p.parse_args(argv)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in args.only if s not in SECTIONS]
@@ -75,11 +104,13 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_in_turns(contenders, items, rounds, device):
+def time_in_turns(contenders, items, rounds, device, warm_up=True, pick=statistics.median):
     """{name: seconds} for contenders {name: fn(item)}: on each item the contenders take turns,
-    round after round; an item's time is its median round, and the result the mean over items."""
-    for fn in contenders.values():  # warm-up: lazy set-up, optimizer state, compiled kernels
-        fn(items[0])
+    round after round; an item's time is its median round (or `pick` of them), and the result the
+    mean over items."""
+    if warm_up:  # lazy set-up, optimizer state, compiled kernels
+        for fn in contenders.values():
+            fn(items[0])
     total = dict.fromkeys(contenders, 0.0)
     for item in items:
         rounds_seconds = {name: [] for name in contenders}
@@ -91,16 +122,79 @@ def time_in_turns(contenders, items, rounds, device):
                 sync(device)
                 rounds_seconds[name].append(time.perf_counter() - start)
         for name, seconds in rounds_seconds.items():
-            total[name] += statistics.median(seconds)
+            total[name] += pick(seconds)
     return {name: seconds / len(items) for name, seconds in total.items()}
 
 
-def print_table(title, seconds, per):
-    """The first contender is the reference: x = a row's time / its time."""
+def print_table(title, seconds, per, columns=None):
+    """The first contender is the reference: x = a row's time / its time. `columns`: more
+    {header: {contender: text}} to print on the right."""
+    columns = columns or {}
     reference, width = seconds[next(iter(seconds))], max(map(len, seconds))
-    print(f"\n{title}\n  {'contender':<{width}}  {'ms/' + per:>10}  {'x':>6}")
+    heads = "".join(f"  {header:>{max(len(header), 8)}}" for header in columns)
+    print(f"\n{title}\n  {'contender':<{width}}  {'ms/' + per:>10}  {'x':>6}{heads}")
     for name, s in seconds.items():
-        print(f"  {name:<{width}}  {s * 1e3:10.1f}  {s / reference:5.2f}x")
+        cells = "".join(f"  {column.get(name, ''):>{max(len(header), 8)}}" for header, column in columns.items())
+        print(f"  {name:<{width}}  {s * 1e3:10.1f}  {s / reference:5.2f}x{cells}")
+
+
+def run_table(args, section, title, contenders, items, per, rounds=None, columns=None, flops=None):
+    """Time a table's contenders in turns and print it with their peak memory; as a memory probe
+    (`--memory_probe section:table number:contender`) measure that one contender instead, and exit.
+    `flops` ({name: mean FLOPs per item}) adds each row's TFLOP/s and its share of the last row's."""
+    if args.memory_probe is not None:
+        probe_section, number, name = args.memory_probe.split(":", 2)
+        if (probe_section, number) == (section, title.split(".")[0]):
+            print(json.dumps({"peak_bytes": peak_memory_of(contenders[name], items[0], args.device)}))
+            sys.exit(0)
+        return
+    seconds = time_in_turns(contenders, items, rounds or args.rounds, args.device)
+    if flops:
+        rate = {name: flops[name] / seconds[name] for name in flops}
+        limit = rate[list(flops)[-1]]
+        columns = {"TFLOP/s": {name: f"{r / 1e12:.3f}" for name, r in rate.items()},
+                   "of the last": {name: f"{r / limit:.0%}" for name, r in rate.items()}}
+    if not args.no_memory:
+        columns = {**(columns or {}), "peak MiB": {name: f"{peak_memory_in_a_fresh_process(args, section, title, name):.0f}"
+                                                   for name in contenders}}
+    print_table(title, seconds, per, columns)
+    return seconds
+
+
+# ----------------------------------------------------------------------------- memory
+
+def resident_bytes(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def peak_memory_of(fn, item, device):
+    """Peak memory of fn's first two calls above what was in use before them (see the docstring)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        ctypes.CDLL(None).malloc_trim(0)  # glibc returns the set-up's freed pages: reusing them counts again
+        with open("/proc/self/clear_refs", "w") as f:  # "5": the peak resident set (VmHWM) restarts from here
+            f.write("5")
+        before = resident_bytes("VmRSS")
+    fn(item)
+    fn(item)
+    sync(device)
+    return (torch.cuda.max_memory_allocated() if device.type == "cuda" else resident_bytes("VmHWM")) - before
+
+
+def peak_memory_in_a_fresh_process(args, section, title, name):
+    """MiB: this bench.py again, with the same flags, set up for this one section and measuring `name`."""
+    command = [sys.executable, __file__, "--only", section, "--data_dir", args.data_dir, "--device", args.device.type,
+               "--memory_probe", f"{section}:{title.split('.')[0]}:{name}"]
+    command += ["--quick"] if args.quick else []
+    command += ["--threads", str(args.threads)] if args.threads else []
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory probe of {name!r} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.splitlines()[-1])["peak_bytes"] / 2**20
 
 
 # ----------------------------------------------------------------------------- real batches
@@ -155,13 +249,12 @@ def bench_encoder(args):
 
     for model in models.values():
         model.eval()
-    seconds = time_in_turns({name: functools.partial(forward, name) for name in models}, batches, args.rounds, device)
-    print_table(f"1a. encoder forward, bucketed SST/Quora batches of {args.batch_size}, eval mode", seconds, "batch")
+    run_table(args, "encoder", f"1a. encoder forward, bucketed SST/Quora batches of {args.batch_size}, eval mode",
+              {name: functools.partial(forward, name) for name in models}, batches, "batch")
     for model in models.values():
         model.train()  # dropout on, as in training
-    seconds = time_in_turns({name: functools.partial(train_step, name) for name in models}, batches, args.rounds,
-                            device)
-    print_table("1b. encoder train step (forward, backward, torch fused AdamW), same batches", seconds, "batch")
+    run_table(args, "encoder", "1b. encoder train step (forward, backward, torch fused AdamW), same batches",
+              {name: functools.partial(train_step, name) for name in models}, batches, "batch")
 
 
 def bench_tokenizer(args):
@@ -175,12 +268,10 @@ def bench_tokenizer(args):
         tokenizer = BertTokenizer(vocab)
         return [tokenizer.encode(t) for t in texts]
 
-    seconds = time_in_turns({"transformers slow": lambda texts: [slow.encode(t) for t in texts],
-                             "ours, cold cache": ours_cold,
-                             "transformers fast": lambda texts: [fast.encode(t) for t in texts]},
-                            [sentences], args.rounds, torch.device("cpu"))
-    print_table(f"2. tokenizer, text -> ids with [CLS]/[SEP], {len(sentences)} SST train sentences one at a time",
-                seconds, "pass")
+    run_table(args, "tokenizer",
+              f"2. tokenizer, text -> ids with [CLS]/[SEP], {len(sentences)} SST train sentences one at a time",
+              {"transformers slow": lambda texts: [slow.encode(t) for t in texts], "ours, cold cache": ours_cold,
+               "transformers fast": lambda texts: [fast.encode(t) for t in texts]}, [sentences], "pass")
 
 
 def minilm_parameters_with_grads(device):
@@ -197,10 +288,9 @@ def bench_optimizer(args):
                   "optim.AdamW": optim.AdamW(params(args.device), lr=1e-5, fused=False),
                   "optim.AdamW fused=True": optim.AdamW(params(args.device), lr=1e-5, fused=True)}
     n_params = sum(p.numel() for p in optimizers["optim.AdamW"].param_groups[0]["params"])
-    seconds = time_in_turns({name: lambda _, o=o: o.step() for name, o in optimizers.items()},
-                            range(args.n_batches), 2 * args.rounds, args.device)  # steps are short: more rounds
-    print_table(f"3. optimizer step on all-MiniLM-L6-v2's {n_params / 1e6:.1f}M parameters, random gradients",
-                seconds, "step")
+    run_table(args, "optimizer", f"3. optimizer step on all-MiniLM-L6-v2's {n_params / 1e6:.1f}M parameters, "
+              "random gradients", {name: lambda _, o=o: o.step() for name, o in optimizers.items()},
+              list(range(args.n_batches)), "step", rounds=2 * args.rounds)  # steps are short: more rounds
 
 
 def sst_model_and_optimizer(args):
@@ -228,11 +318,11 @@ def bench_data(args):
     tokenizer = BertTokenizer.from_pretrained(default_checkpoint_path())
     model, optimizer = sst_model_and_optimizer(args)
     naive_batch = lambda indices: naive_collate([data.examples[i] for i in indices], tokenizer)
-    seconds = time_in_turns(  # each batch is made inside the timing: how it is made is all that differs
+    run_table(  # each batch is made inside the timing: how it is made is all that differs
+        args, "data", f"4. data path: an SST training step on the same examples, {args.batch_size} a batch",
         {"naive (tokenise per batch, pad to 128)": lambda indices: sst_step(model, optimizer, naive_batch(indices)),
          "ours (ids cached, padded to the longest)": lambda indices: sst_step(model, optimizer, data.batch(indices))},
-        bucketed_indices(data, args.batch_size, args.n_batches), args.rounds, args.device)
-    print_table(f"4. data path: an SST training step on the same examples, {args.batch_size} a batch", seconds, "step")
+        bucketed_indices(data, args.batch_size, args.n_batches), "step")
 
 
 def bench_smart(args):
@@ -240,15 +330,124 @@ def bench_smart(args):
     batches = [data.batch(indices) for indices in bucketed_indices(data, args.batch_size, args.n_batches)]
     model, optimizer = sst_model_and_optimizer(args)
     regulariser = smart.SmartRegulariser(model)  # paper defaults; after model.to(device): the teacher is a copy
-    seconds = time_in_turns({"without SMART": lambda batch: sst_step(model, optimizer, batch),
-                             "with SMART (K = 1)": lambda batch: sst_step(model, optimizer, batch, regulariser)},
-                            batches, args.rounds, args.device)
-    print_table(f"5. SMART's cost: an SST training step, bucketed batches of {args.batch_size}", seconds, "step")
+    run_table(args, "smart", f"5. SMART's cost: an SST training step, bucketed batches of {args.batch_size}",
+              {"without SMART": lambda batch: sst_step(model, optimizer, batch),
+               "with SMART (K = 1)": lambda batch: sst_step(model, optimizer, batch, regulariser)}, batches, "step")
+
+
+def train_py_step(args, flags):
+    """train.py's own training_step on SST, set up as `train.py --tasks sst <flags>` sets it up."""
+    run_args = train.parse_args(["--tasks", "sst", "--batch_size", str(args.batch_size), *flags])
+    model = train.build_model(run_args, default_checkpoint_path(), args.device)
+    model.train()
+    optimizer = train.build_optimizer(run_args, model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return lambda batch: train.training_step(run_args, model, optimizer, None, params,
+                                             {"sst": tasks.move_batch(batch, args.device)}, {"sst": 1.0}, args.device)
+
+
+def counted_flops(fn, item):
+    """FLOPs of fn(item) as torch.utils.flop_counter counts them: the matmuls, forward and backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn(item)
+    return counter.get_total_flops()
+
+
+def bench_step(args):
+    torch.manual_seed(0)
+    data = task_data(args.data_dir, "sst", args.limit)
+    batches = [data.batch(indices) for indices in bucketed_indices(data, args.batch_size, args.n_batches)]
+    steps = {"fp32, eager update (the defaults before)": ["--precision", "fp32", "--no-fused_optimizer"],
+             "bf16 autocast, eager update": ["--precision", "bf16", "--no-fused_optimizer"],
+             "bf16 autocast, fused update (train.py's default)": ["--precision", "bf16", "--fused_optimizer"]}
+    contenders = {name: train_py_step(args, flags) for name, flags in steps.items()}
+    hidden, inner = 384, 1536  # all-MiniLM-L6-v2's FFN: (tokens x 384) @ (384 x 1536), its largest matmul
+    weight = torch.randn(hidden, inner, dtype=torch.bfloat16, device=args.device)
+    activations = {id(b): torch.randn(b["inputs"][0]["input_ids"].numel(), hidden, dtype=torch.bfloat16,
+                                      device=args.device) for b in batches}
+    matmul = "bf16 matmul of the FFN's shape, same tokens (the limit)"
+    contenders[matmul] = lambda batch: activations[id(batch)] @ weight
+    counted = train_py_step(args, ["--precision", "fp32", "--no-fused_optimizer"])  # not a contender: it steps
+    step_flops = statistics.mean(counted_flops(counted, b) for b in batches)
+    flops = {**dict.fromkeys(steps, step_flops),
+             matmul: statistics.mean(2 * activations[id(b)].shape[0] * hidden * inner for b in batches)}
+    tokens = statistics.mean(b["inputs"][0]["input_ids"].numel() for b in batches)
+    run_table(args, "step", f"6. train.py's training step, bucketed SST batches of {args.batch_size} "
+              f"({tokens:.0f} token positions a batch, padding included), beside a bf16 matmul", contenders, batches, "step", flops=flops)
+
+
+def trainer_epoch(args):
+    """One SST epoch and its dev pass by transformers' Trainer, as a user would set it up; prints
+    {"dev_acc": ...}. Runs in a process of its own (the epoch table's contender)."""
+    import numpy as np
+    transformers.logging.set_verbosity_error()
+    checkpoint, best = str(default_checkpoint_path()), args.trainer_epoch == "bf16"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)  # the fast one
+    limit = 64 if args.quick else None
+
+    def dataset(split):
+        examples = tasks.read_examples(args.data_dir, "sst", split, report=lambda _: None)[:limit]
+        encoded = tokenizer([e.text for e in examples], truncation=True, max_length=128)
+        return [{"input_ids": ids, "attention_mask": mask, "labels": e.label}
+                for ids, mask, e in zip(encoded["input_ids"], encoded["attention_mask"], examples)]
+
+    train_set, dev_set = dataset("train"), dataset("dev")
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(checkpoint, num_labels=5)
+    with tempfile.TemporaryDirectory() as out_dir:
+        settings = transformers.TrainingArguments(
+            output_dir=out_dir, per_device_train_batch_size=32, per_device_eval_batch_size=64, num_train_epochs=1,
+            learning_rate=1e-4, lr_scheduler_type="linear", weight_decay=0.01, seed=11711, save_strategy="no",
+            logging_strategy="no", report_to="none", disable_tqdm=True, use_cpu=args.device.type == "cpu",
+            bf16=best, train_sampling_strategy="group_by_length" if best else "random")
+        trainer = transformers.Trainer(model=model, args=settings, train_dataset=train_set,
+                                       data_collator=transformers.DataCollatorWithPadding(tokenizer))
+        trainer.train()
+        predicted = trainer.predict(dev_set)
+    accuracy = float((np.argmax(predicted.predictions, axis=-1) == predicted.label_ids).mean())
+    print(json.dumps({"dev_acc": accuracy}))
+
+
+def bench_epoch(args):
+    """Whole runs in processes of their own: wall time from start to scores, dev accuracy, peak RSS."""
+    results = {}  # name -> [(dev accuracy, peak MiB)], a pair per round
+
+    def whole_run(name, command, accuracy_of):
+        def run(_):
+            with tempfile.TemporaryDirectory() as tmp:
+                process = subprocess.Popen(command(tmp), cwd=Path(__file__).parent, stdout=subprocess.PIPE,
+                                           stderr=subprocess.DEVNULL, text=True)
+                stdout = process.stdout.read()
+                _, status, usage = os.wait4(process.pid, 0)  # the child's own peak resident set
+                if status != 0:
+                    raise RuntimeError(f"{name}: {shlex.join(command(tmp))} failed")
+                results.setdefault(name, []).append((accuracy_of(stdout, tmp), usage.ru_maxrss / 1024))
+        return run
+
+    here = [sys.executable, __file__, "--data_dir", args.data_dir, "--device", args.device.type]
+    here += ["--quick"] if args.quick else []
+    trainer = lambda precision: lambda tmp: [*here, "--trainer_epoch", precision]
+    from_stdout = lambda stdout, tmp: json.loads(stdout.splitlines()[-1])["dev_acc"]
+    limits = ["--limit", "64", "--eval_limit", "64"] if args.quick else []
+    ours = lambda tmp: [sys.executable, "train.py", "--tasks", "sst", "--epochs", "1", "--data_dir", args.data_dir,
+                        "--device", args.device.type, "--out_dir", str(Path(tmp) / "run"), *limits]
+    from_scores = lambda stdout, tmp: json.loads((Path(tmp) / "run" / "scores.json").read_text())["dev"]["sst"]
+    contenders = {"Trainer, its defaults (fp32)": whole_run("Trainer fp32", trainer("fp32"), from_stdout),
+                  "Trainer at its best here (bf16, group_by_length)": whole_run("Trainer bf16", trainer("bf16"),
+                                                                                 from_stdout),
+                  "train.py --tasks sst --epochs 1 (its defaults)": whole_run("train.py", ours, from_scores)}
+    names = dict(zip(["Trainer fp32", "Trainer bf16", "train.py"], contenders))
+    seconds = time_in_turns(contenders, [None], args.rounds, args.device, warm_up=False, pick=min)
+    runs = {names[key]: rounds for key, rounds in results.items()}
+    columns = {"dev acc": {name: " ".join(f"{acc:.3f}" for acc, _ in rounds) for name, rounds in runs.items()},
+               "peak MiB": {name: f"{max(mib for _, mib in rounds):.0f}" for name, rounds in runs.items()}}
+    print_table(f"7. a whole SST epoch and its dev pass, one process each, best of {args.rounds} turns "
+                "(dev accuracy of each turn)", seconds, "run", columns)
 
 
 # one table per entry: a new comparison is a function here and a line in this dict
 SECTIONS = {"encoder": bench_encoder, "tokenizer": bench_tokenizer, "optimizer": bench_optimizer,
-            "data": bench_data, "smart": bench_smart}
+            "data": bench_data, "smart": bench_smart, "step": bench_step, "epoch": bench_epoch}
 
 
 def main(argv=None):
@@ -257,9 +456,12 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    print(f"bench.py on {args.device}, {torch.get_num_threads()} torch threads (OMP_NUM_THREADS="
-          f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} CPUs), torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, median of {args.rounds} rounds{', --quick' if args.quick else ''}")
+    if args.trainer_epoch:
+        return trainer_epoch(args)
+    if args.memory_probe is None:
+        print(f"bench.py on {args.device}, {torch.get_num_threads()} torch threads (OMP_NUM_THREADS="
+              f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} CPUs), torch {torch.__version__}, "
+              f"transformers {transformers.__version__}, median of {args.rounds} rounds{', --quick' if args.quick else ''}")
     for section in args.only:
         SECTIONS[section](args)
 

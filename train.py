@@ -136,7 +136,7 @@ def training_step(args, model, optimizer, regulariser, params, batches, shares, 
     or None when the loss or a gradient is NaN or inf: then the weights stay as they were.
     `shares` is each batch's share of its global batch under torchrun (1.0 in one process)."""
     optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
         # the task losses in float32 whatever the autocast: GLS and FLS take their logs
         task_losses = global_means({task: task_loss(task, model(task, b["inputs"]), b["labels"]).float()
                                     for task, b in batches.items()}, shares)
@@ -265,7 +265,7 @@ def predict(model, data, args, device):
     predicted = {}
     for indices in data.ordered_batches(args.eval_batch_size)[distributed.RANK::distributed.WORLD_SIZE]:
         batch = tasks.move_batch(data.batch(indices), device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             outputs = model(data.task, batch["inputs"])
         predicted.update(zip(indices, tasks.predictions_from_outputs(data.task, outputs.float()).tolist()))
     predicted = {i: value for part in distributed.gathered(predicted) for i, value in part.items()}
@@ -308,6 +308,16 @@ def pick_device(choice):
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(choice)
+
+
+def native_precision(device):
+    """bf16 where the hardware multiplies bfloat16 natively, else fp32. Under bf16 autocast the
+    matmuls run in bfloat16 (float32 accumulation) while weights, optimizer and the residual
+    stream stay float32; on the main command it scores as float32 does (results/README.md)."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return "bf16" if device.type == "cpu" and native else "fp32"
 
 
 def load_tokenizer(checkpoint_dir):
@@ -368,16 +378,20 @@ def build_optimizer(args, model):
         raise RunError(f"--option {args.option} --tasks {','.join(args.tasks)} has nothing to train: the encoder "
                        "is frozen and these heads have no weights (score the checkpoint as it is with --eval_only)")
     kind = optim.AdamW if args.optimizer == "adamw" else optim.AdaBelief
+    fused = args.fused_optimizer is not False  # "auto" (not given): fused where torch.compile builds it
     try:
-        optimizer = kind(params, lr=args.lr, weight_decay=args.weight_decay, fused=args.fused_optimizer)
+        optimizer = kind(params, lr=args.lr, weight_decay=args.weight_decay, fused=fused)
     except ValueError as e:  # optim.py says which value is out of range
         raise RunError(f"--optimizer {args.optimizer}: {e}") from None
-    if args.fused_optimizer:
+    if fused:
         try:
             optim.compile_fused_update(optimizer)
         except Exception as error:  # whatever the compiler stack raises, the remedy is the same
-            raise RunError(f"--fused_optimizer: torch.compile could not build the update "
-                           f"({type(error).__name__}: {one_line(error)}); run without --fused_optimizer") from None
+            reason = f"torch.compile could not build the update ({type(error).__name__}: {one_line(error)})"
+            if args.fused_optimizer is True:
+                raise RunError(f"--fused_optimizer: {reason}; run with --no-fused_optimizer") from None
+            log(f"the optimizer runs its eager update: {reason}")
+            optimizer.fused = False
     return optimizer
 
 
@@ -556,8 +570,9 @@ def build_parser():
     g.add_argument("--epochs", type=int, default=3, help="passes over the training data (see samplers.py)")
     g.add_argument("--seed", type=int, default=11711, help="fixes the weights of the heads, the batches, dropout")
     g.add_argument("--max_length", type=int, default=128, help="tokens per sequence (pairs: both together)")
-    g.add_argument("--fused_optimizer", action="store_true",
-                   help="compile the optimizer's per-tensor update with torch.compile (needs a C++ compiler)")
+    g.add_argument("--fused_optimizer", action=argparse.BooleanOptionalAction, default="auto",
+                   help="the optimizer's per-tensor update compiled by torch.compile (3x faster here; needs a C++ "
+                   "compiler); auto: compiled where it builds, else eager")
     g = p.add_argument_group("SMART (Jiang et al., 2020)")
     g.add_argument("--smart", action="store_true", help="add the adversarial and Bregman regularisers")
     g.add_argument("--smart_lambda", type=number, default=1.0, help="weight lambda_s of the adversarial term")
@@ -576,7 +591,9 @@ def build_parser():
     g.add_argument("--eval_limit", type=int, default=None, help="at most N dev/test examples per task (quick runs)")
     g.add_argument("--eval_batch_size", type=int, default=64)
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    g.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CPUs with AVX512-BF16 or AMX, and CUDA)")
+    g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="bf16: bfloat16 autocast for the matmuls (the losses stay float32); auto: bf16 where the "
+                   "hardware has it (CPUs with AVX512-BF16 or AMX, CUDA cards with bf16), else fp32")
     g.add_argument("--compile", action="store_true", help="torch.compile the encoder (measured slower on CPU)")
     g.add_argument("--save_every", type=int, default=0, help="also save last.pt every N steps")
     g.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its last.pt, with its flags")
@@ -595,10 +612,12 @@ def parse_args(argv=None):
     if args.lr is None:
         args.lr = 1e-3 if args.option == "pretrain" else 1e-4
     check_flags(p, args)
+    if args.precision == "auto":  # saved resolved: a resumed run keeps the precision it began with
+        args.precision = native_precision(pick_device(args.device))
     if args.out_dir is None:
         args.out_dir = str(default_out_dir(args))
     if args.resume:
-        given = {token[2:].split("=")[0] for token in argv if token.startswith("--")}
+        given = {token[2:].split("=")[0].removeprefix("no-") for token in argv if token.startswith("--")}
         args = flags_of_the_run(args, given, Path(args.out_dir) / "last.pt")
     return args
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from bert import BertConfig, BertModel, CheckpointError, map_checkpoint_names, read_safetensors
+from bert import BertConfig, BertModel, CheckpointError, dropout, map_checkpoint_names, read_safetensors
 
 
 def read_column(path, *columns, n=16):
@@ -95,6 +95,39 @@ def test_manual_attention_equals_sdpa_in_outputs_and_gradients(checkpoint_dir, r
         grads[attention]["_out"] = out["last_hidden_state"].detach()
     for name in grads["sdpa"]:
         torch.testing.assert_close(grads["manual"][name], grads["sdpa"][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_zeroes_a_p_share_and_scales_the_rest_by_one_over_one_minus_p(p, dtype):
+    """Each element is dropped with probability round(p * 2^16) / 2^16, independently: the share
+    dropped lies within 5 binomial standard deviations of it, overall and in each of the four 16-bit
+    lanes of the 64-bit draws; the rest is x / (1 - p), the gradient the same mask; eval is identity."""
+    torch.manual_seed(0)
+    n = 4 * 250_000
+    x = torch.randn(1000, n // 1000).to(dtype).requires_grad_()
+    y = dropout(x, p, training=True)
+    p_q = round(p * 2**16) / 2**16
+    dropped = y == 0
+    sd = (p_q * (1 - p_q) / n) ** 0.5
+    assert abs(dropped.float().mean().item() - p_q) < 5 * sd
+    lanes = dropped.reshape(-1, 4).float().mean(0)  # the four 16-bit quarters of each draw
+    assert (lanes - p_q).abs().max().item() < 5 * sd * 2  # a lane holds n/4 draws: twice the sd
+    kept = ~dropped
+    scale = torch.tensor(1 / (1 - p_q), dtype=dtype)  # rounded to dtype, as the code multiplies
+    torch.testing.assert_close(y[kept], x[kept] * scale.to(dtype), rtol=0, atol=0)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.to(dtype) * scale, rtol=0, atol=0)
+    assert not (dropout(x, p, training=True) == 0).equal(dropped)  # a new mask each call
+    assert dropout(x, p, training=False) is x
+
+
+def test_dropout_masks_follow_torch_manual_seed():
+    torch.manual_seed(3)
+    a = dropout(torch.ones(64, 64), 0.1, training=True)
+    torch.manual_seed(3)
+    b = dropout(torch.ones(64, 64), 0.1, training=True)
+    assert a.equal(b)
 
 
 def test_inputs_embeds_is_the_word_embedding_path(ours, real_batches):

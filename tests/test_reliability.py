@@ -2,6 +2,11 @@
 written, damaged checkpoints are refused cleanly, NaN steps are skipped and counted, and a run
 that is killed and resumed ends bit for bit where an uninterrupted run ends.
 
+The bad inputs run in this process, through train.cli() with sys.argv set, as `python train.py`
+would run them (a new Python and torch for each would cost seconds a case); four of them, one of
+each kind, also run as real `python train.py` commands, for the command line and exit status end
+to end.
+
 Most runs here use a tiny random BERT (hidden 16, 2 layers, the real 30522-token vocab), written
 as a real checkpoint folder: the properties do not depend on the model's size, and it keeps the
 file fast on one CPU core.
@@ -15,6 +20,7 @@ import signal
 import struct
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -194,19 +200,68 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("build, message", [pytest.param(b, m, id=name) for name, b, m in BAD_INPUTS])
-def test_bad_input_is_one_line_exit_status_2_and_nothing_written(tmp_path, data_dir, tiny, build, message):
+# One of each kind, also run as `python train.py`: a flag, a data file, a checkpoint, an --out_dir.
+END_TO_END = ["an abbreviated flag", "wrong field count", "truncated weights", "out_dir holds a run"]
+
+
+def bad_inputs(names):
+    cases = {name: (build, message) for name, build, message in BAD_INPUTS}
+    return [pytest.param(*cases[name], id=name) for name in names]
+
+
+def bad_input_flags(tmp_path, data_dir, tiny, build):
+    """A small run's flags into tmp_path/run, then the case's flags (later flags win)."""
     out_dir = tmp_path / "run"
-    flags = build(tmp_path, data_dir, tiny)  # later flags win: these replace the defaults below
-    before = snapshot(out_dir)
-    command = [sys.executable, str(ROOT / "train.py"), "--data_dir", str(data_dir), "--bert", str(tiny),
-               "--tasks", "sst", "--limit", "16", "--eval_limit", "8", "--max_length", "32", "--epochs", "1",
-               "--device", "cpu", "--out_dir", str(out_dir), *flags]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2, done.stderr
-    assert "Traceback" not in done.stderr
-    (line,) = done.stderr.splitlines()
+    flags = build(tmp_path, data_dir, tiny)
+    return out_dir, ["--data_dir", str(data_dir), "--bert", str(tiny), "--tasks", "sst", "--limit", "16",
+                     "--eval_limit", "8", "--max_length", "32", "--epochs", "1", "--device", "cpu",
+                     "--out_dir", str(out_dir), *flags]
+
+
+def assert_one_error_line(status, stderr, message):
+    assert status == 2, stderr
+    assert "Traceback" not in stderr
+    (line,) = stderr.splitlines()
     assert line.startswith("error: ") and re.search(message, line), line
+
+
+# The warnings a new `python train.py` does not print (Python's default filters): these, but for
+# a DeprecationWarning raised by train.py itself, its __main__.
+UNSHOWN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
+def run_cli(monkeypatch, capsys, flags):
+    """Run `python train.py <flags>` in this process, to its exit. Returns the exit status, and
+    what it printed to stderr, after the warnings `python train.py` would have printed there
+    (pytest would collect them for its summary instead)."""
+    monkeypatch.setattr(sys, "argv", ["train.py", *flags])
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit) as stopped:
+        warnings.simplefilter("always")
+        train.cli()
+    shown = [w for w in caught if not issubclass(w.category, UNSHOWN_WARNINGS)
+             or issubclass(w.category, DeprecationWarning) and Path(w.filename) == Path(train.__file__)]
+    printed = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line) for w in shown)
+    return stopped.value.code, printed + capsys.readouterr().err
+
+
+@pytest.mark.parametrize("build, message", bad_inputs([name for name, _, _ in BAD_INPUTS]))
+def test_bad_input_is_one_line_exit_status_2_and_nothing_written(tmp_path, data_dir, tiny, build, message,
+                                                                 monkeypatch, capsys):
+    out_dir, flags = bad_input_flags(tmp_path, data_dir, tiny, build)
+    before = snapshot(out_dir)
+    assert_one_error_line(*run_cli(monkeypatch, capsys, flags), message)
+    assert snapshot(out_dir) == before
+
+
+@pytest.mark.parametrize("build, message", bad_inputs(END_TO_END))
+def test_bad_input_on_the_command_line_is_one_line_exit_status_2_and_nothing_written(tmp_path, data_dir, tiny,
+                                                                                     build, message):
+    out_dir, flags = bad_input_flags(tmp_path, data_dir, tiny, build)
+    before = snapshot(out_dir)
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *flags], capture_output=True, text=True,
+                          timeout=120)
+    assert_one_error_line(done.returncode, done.stderr, message)
     assert snapshot(out_dir) == before
 
 
@@ -341,8 +396,19 @@ def test_fused_optimizer_that_cannot_compile_stops_before_training(tmp_path, dat
     monkeypatch.setattr(train.optim, "compile_fused_update", no_compiler)
     last_line = cli_error(monkeypatch, capsys, [*tiny_run_flags(data_dir, tiny, tmp_path / "run"), "--fused_optimizer"])
     assert last_line == ("error: --fused_optimizer: torch.compile could not build the update "
-                         "(RuntimeError: Compiler: cc is not found.); run without --fused_optimizer")
+                         "(RuntimeError: Compiler: cc is not found.); run with --no-fused_optimizer")
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_without_the_flag_an_optimizer_that_cannot_compile_runs_eagerly(tmp_path, data_dir, tiny, monkeypatch,
+                                                                        capsys):
+    def no_compiler(optimizer):
+        raise RuntimeError("Compiler: cc is not found.\nlong diagnostics")
+    monkeypatch.setattr(train.optim, "compile_fused_update", no_compiler)
+    train.main(tiny_run_flags(data_dir, tiny, tmp_path / "run"))
+    assert "the optimizer runs its eager update: torch.compile could not build the update " \
+           "(RuntimeError: Compiler: cc is not found.)" in capsys.readouterr().out
+    assert (tmp_path / "run" / "scores.json").is_file()
 
 
 # ----------------------------------------------------------------------------- resuming
