@@ -87,6 +87,30 @@ def similarity_mse_loss(cosine, scores):
 
 
 # ---------------------------------------------------------------------------------------------
+# Distillation: the same losses against a teacher's soft targets (distill.py builds the targets)
+
+def soft_cross_entropy_loss(logits, target):
+    """Mean cross-entropy against a distribution: L = mean_b -sum_c q_bc log p_bc, with p the
+    softmax of the logits. With a one-hot q it is cross_entropy_loss.
+    logits, target: (batch, n_classes); each row of target sums to 1."""
+    return -(target * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+
+
+def soft_binary_cross_entropy_loss(logit, target):
+    """binary_cross_entropy_loss against a probability q in [0, 1] in place of a 0/1 label:
+    mean_b -(q_b log σ(z_b) + (1 - q_b) log(1 - σ(z_b)))."""
+    return F.binary_cross_entropy_with_logits(logit.reshape(-1), target.reshape(-1).to(logit.dtype))
+
+
+def target_entropy(target, binary=False):
+    """Mean entropy of the targets, H(q) = -sum_c q_c log q_c (0 log 0 = 0): what a soft
+    cross-entropy never falls below. Cross-entropy - H(q) is the KL divergence KL(q || p)."""
+    if binary:
+        target = torch.stack([target, 1 - target], dim=-1)
+    return -torch.special.xlogy(target, target).sum(-1).mean()
+
+
+# ---------------------------------------------------------------------------------------------
 # Combining one step's task losses: each strategy takes {task_name: scalar loss tensor}
 
 def _stacked(losses):

@@ -149,14 +149,19 @@ def parse_rows(path, reader, task, split):
 # ----------------------------------------------------------------------------- token ids and batches
 
 class TaskData:
-    """One split of one task, tokenised once up front; batches are padded to their own longest.
+    """One split of one task, tokenised once up front; batches are padded to their own longest,
+    rounded up to a multiple of `pad_multiple` (at most max_length).
 
     sst/cfimdb keep one id sequence per example, para one joint pair sequence
-    `[CLS] q1 [SEP] q2 [SEP]`, sts two (one per sentence)."""
+    `[CLS] q1 [SEP] q2 [SEP]`, sts two (one per sentence). Why round up: a compiled model is
+    specialised to its input shapes, and CUDA graphs record one graph per shape. Lengths rounded
+    to multiples of 16 give at most 8 shapes up to 128 tokens, not one per length; padding is
+    masked, so the outputs are the same but for float rounding (tests/test_tasks.py)."""
 
-    def __init__(self, task, examples, tokenizer, max_length):
+    def __init__(self, task, examples, tokenizer, max_length, pad_multiple=1):
         self.task, self.examples = task, examples
         self.pad_id = tokenizer.pad_token_id
+        self.max_length, self.pad_multiple = max_length, pad_multiple
         if task == "sts":
             self.encodings = [[tokenizer.encode_with_types(e.text, max_length=max_length) for e in examples],
                               [tokenizer.encode_with_types(e.pair, max_length=max_length) for e in examples]]
@@ -173,6 +178,7 @@ class TaskData:
         """Padded to the longest: the rows are padded as Python lists, then each field becomes a
         tensor in one torch.tensor call (a call per row costs more than the padding itself)."""
         longest = max(len(ids) for ids, _ in encodings)
+        longest = min(-(-longest // self.pad_multiple) * self.pad_multiple, max(self.max_length, longest))
         padding = [longest - len(ids) for ids, _ in encodings]
         return {
             "input_ids": torch.tensor([ids + [self.pad_id] * p for (ids, _), p in zip(encodings, padding)]),

@@ -11,7 +11,8 @@ and a smoke run of a few dozen steps per task:
 One training step (`training_step`), on the batches B_t the sampler names for the step's tasks t:
 
     L_t = loss of head t on B_t          cross-entropy (SST, CFIMDB), binary cross-entropy (PARA),
-                                         squared error of 5·cos against the 0-5 score (STS); losses.py
+                                         squared error of 5·cos against the 0-5 score (STS); losses.py;
+                                         with --teachers against λ·gold + (1 - λ)·teacher; distill.py
     L   = sum_t L_t  |  GLS  |  FLS      the loss strategy, the study's eqs. 1, 7, 8; losses.py
     L  += sum_t λ_s R_s + μ D_Breg       with --smart: SMART's two regularisers; smart.py
     g   = ∇_θ L,  g ← g·min(1, c/‖g‖)    one backward pass; with --clip_grad c, global-norm clipping
@@ -51,6 +52,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import distill
 import distributed
 import losses
 import optim
@@ -94,6 +96,7 @@ def main(argv=None):
     test_data = {t: load_split(args, tokenizer, t, "test-student", args.eval_limit) for t in args.tasks}
     train_data = {} if args.eval_only else {t: load_split(args, tokenizer, t, "train", args.limit)
                                             for t in args.tasks}
+    teachers = {} if args.eval_only or not args.teachers else teacher_targets(args, checkpoint_dir, train_data, device)
     model = build_model(args, checkpoint_dir, device)  # the same seed: the same weights on every rank
     if distributed.RANK > 0:  # but each rank its own dropout masks (and SMART noise)
         torch.manual_seed(args.seed + distributed.RANK)
@@ -110,11 +113,14 @@ def main(argv=None):
             (out_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
             if args.resume:  # what last.pt records, and no epoch it does not
                 write_metrics(out_dir, progress["history"])
+            elif teachers:  # what a resumed run reads back, so that it mixes the same targets
+                save_atomically({task: distill.targets_by_id(t, train_data[task]) for task, t in teachers.items()},
+                                out_dir / "teachers.pt")
         if args.resume:
             log(f"resuming from {out_dir / 'last.pt'}: epoch {progress['epoch'] + 1}, step {progress['step']}")
         else:  # so that a run stopped at any moment from here on can be resumed
             save_resumable(out_dir / "last.pt", args, model, optimizer, regulariser, progress, device)
-        train(args, model, optimizer, regulariser, progress, train_data, dev_data, device, out_dir)
+        train(args, model, optimizer, regulariser, progress, train_data, dev_data, device, out_dir, teachers)
         distributed.barrier()  # rank 0 has written best.pt
         model.load_state_dict(load_model_state(out_dir / "best.pt", model))
 
@@ -126,19 +132,23 @@ def main(argv=None):
     print_table("best model, dev:", [*scores.items(), ("overall", overall)])
     if distributed.RANK == 0:  # written last, so it marks a finished run (results/table.py reads it)
         summary = {"dev": scores, "overall": overall, "seconds": round(time.time() - started, 1)}
+        if not args.eval_only:  # what a student checks before it learns from this run (distill.py)
+            summary["fingerprint"] = distill.fingerprint(checkpoint_dir, args.data_dir, args.tasks)
         write_atomically(out_dir / "scores.json", json.dumps(summary) + "\n")
     log(f"predictions written to {out_dir / 'predictions'}")
     return scores
 
 
-def training_step(args, model, optimizer, regulariser, params, batches, shares, device):
+def training_step(args, model, optimizer, regulariser, params, batches, shares, device, gold=1.0):
     """One optimizer step on the step's task batches (see the module docstring). Returns the loss,
     or None when the loss or a gradient is NaN or inf: then the weights stay as they were.
-    `shares` is each batch's share of its global batch under torchrun (1.0 in one process)."""
+    `shares` is each batch's share of its global batch under torchrun (1.0 in one process); a
+    batch with a "teacher" target is distilled, `gold` being the gold label's share (distill.py)."""
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
         # the task losses in float32 whatever the autocast: GLS and FLS take their logs
-        task_losses = global_means({task: task_loss(task, model(task, b["inputs"]), b["labels"]).float()
+        task_losses = global_means({task: task_loss(task, model(task, b["inputs"]), b["labels"], b.get("teacher"),
+                                                    gold, args.distill_loss).float()
                                     for task, b in batches.items()}, shares)
         loss = losses.combine_losses(task_losses, args.loss, args.focus)
         if regulariser is not None:
@@ -157,12 +167,24 @@ def training_step(args, model, optimizer, regulariser, params, batches, shares, 
     return loss.item()
 
 
-def task_loss(task, outputs, labels):
+def task_loss(task, outputs, labels, teacher=None, gold=1.0, kind="kl"):
+    """The task's loss against its gold labels or, with a teacher's targets, against their mix
+    λ·gold + (1 - λ)·teacher (λ = `gold`); for the classification tasks with kind "kl" less the
+    mixed target's entropy, so that it falls to 0 as the plain loss does (losses.py)."""
+    if teacher is not None and gold < 1:  # in float32, bf16 logits too: the KL is a small difference
+        outputs, labels = outputs.float(), distill.mixed_target(task, labels, teacher, gold)
+    else:  # λ = 1: the plain loss, exactly
+        teacher = None
     if task == "sts":
         return losses.similarity_mse_loss(outputs, labels)
+    if teacher is None:
+        return losses.binary_cross_entropy_loss(outputs, labels) if task == "para" else \
+            losses.cross_entropy_loss(outputs, labels)
     if task == "para":
-        return losses.binary_cross_entropy_loss(outputs, labels)
-    return losses.cross_entropy_loss(outputs, labels)
+        loss = losses.soft_binary_cross_entropy_loss(outputs, labels)
+    else:
+        loss = losses.soft_cross_entropy_loss(outputs, labels)
+    return loss - losses.target_entropy(labels, binary=task == "para") if kind == "kl" else loss
 
 
 def smart_term(regulariser, batches, shares):
@@ -185,7 +207,7 @@ def learning_rate(args, done):
     return args.lr
 
 
-def train(args, model, optimizer, regulariser, progress, train_data, dev_data, device, out_dir):
+def train(args, model, optimizer, regulariser, progress, train_data, dev_data, device, out_dir, teachers):
     """Train from `progress` (new_progress(), or what resume() returned) to the end of the last
     epoch. Every rank runs this loop over the same plan; rank 0 alone writes files."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -197,13 +219,17 @@ def train(args, model, optimizer, regulariser, progress, train_data, dev_data, d
         bar = tqdm(range(progress["step"], len(plan)), desc=f"epoch {epoch + 1}/{args.epochs}", total=len(plan),
                    initial=progress["step"], dynamic_ncols=True, file=sys.stderr, disable=distributed.RANK != 0)
         for step in bar:
+            done = (epoch + step / len(plan)) / args.epochs
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(args, (epoch + step / len(plan)) / args.epochs)
+                group["lr"] = learning_rate(args, done)
             batches, shares = {}, {}
             for task, indices in plan[step].items():
                 mine, shares[task] = shard(indices)
                 batches[task] = tasks.move_batch(train_data[task].batch(mine), device)
-            loss = training_step(args, model, optimizer, regulariser, params, batches, shares, device)
+                if task in teachers:
+                    batches[task]["teacher"] = teachers[task][mine].to(device)
+            gold = distill.gold_share(args.distill_anneal, args.distill_weight, done)
+            loss = training_step(args, model, optimizer, regulariser, params, batches, shares, device, gold)
             progress["step"] = step + 1
             if loss is None:
                 count_bad_step(progress, epoch, step)
@@ -355,7 +381,9 @@ def load_split(args, tokenizer, task, split, limit):
         examples = [examples[i] for i in keep]
     elif limit is not None:
         examples = examples[:limit]  # dev/test: the first rows, so outputs line up with the files
-    return tasks.TaskData(task, examples, tokenizer, args.max_length)
+    # compiled on CUDA: a few fixed shapes, so that CUDA graphs are recorded once per shape, not per length
+    pad_multiple = 16 if args.compile and pick_device(args.device).type == "cuda" else 1
+    return tasks.TaskData(task, examples, tokenizer, args.max_length, pad_multiple)
 
 
 def build_model(args, checkpoint_dir, device):
@@ -366,8 +394,33 @@ def build_model(args, checkpoint_dir, device):
             param.requires_grad_(False)
     model.to(device)
     if args.compile:  # compiled in place: state_dict names, and so checkpoints, stay the same
-        model.encoder.compile(dynamic=True)
+        if device.type == "cuda":  # CUDA graphs, one per padded shape (load_split): no kernel launches to wait on
+            model.encoder.compile(mode="reduce-overhead", dynamic=False)
+        else:  # one graph for every length
+            model.encoder.compile(dynamic=True)
     return model
+
+
+def teacher_targets(args, checkpoint_dir, train_data, device):
+    """{task: one target per training example} from --teachers (distill.py): read back from the
+    run's teachers.pt when resuming, else predicted by each teacher and averaged per task."""
+    cache = Path(args.out_dir) / "teachers.pt"
+    if args.resume and cache.is_file():
+        saved = load_checkpoint(cache)
+        return {task: distill.aligned(saved[task], train_data[task], cache) for task in saved}
+    fingerprint = distill.fingerprint(checkpoint_dir, args.data_dir, args.tasks)
+    per_task = {}
+    for folder in args.teachers:
+        teacher_args = distill.read_teacher(folder, args.tasks, fingerprint)
+        encoder = BertModel.from_pretrained(checkpoint_dir)
+        teacher = tasks.MultitaskBert(encoder, teacher_args["tasks"], 0.0, teacher_args["pooling"]).to(device)
+        teacher.load_state_dict(load_model_state(Path(folder) / "best.pt", teacher))
+        log(f"teacher {folder}: predicting {', '.join(teacher_args['tasks'])} on the training examples")
+        autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+        for task in teacher_args["tasks"]:
+            per_task.setdefault(task, []).append(
+                distill.soft_targets(teacher, train_data[task], args.eval_batch_size, device, autocast))
+    return {task: distill.ensemble(targets) for task, targets in per_task.items()}
 
 
 def build_optimizer(args, model):
@@ -582,6 +635,16 @@ def build_parser():
     g.add_argument("--smart_steps", type=int, default=1, help="ascent steps K")
     g.add_argument("--bregman_mu", type=number, default=1.0, help="weight mu of the Bregman proximal term")
     g.add_argument("--bregman_beta", type=number, default=0.99, help="teacher momentum beta")
+    g = p.add_argument_group("distillation (Clark et al., 2019; Liu et al., 2019)")
+    g.add_argument("--teachers", default=None, help="comma list of finished train.py run folders whose models teach "
+                   "their tasks; two or more of one task are averaged")
+    g.add_argument("--distill_anneal", choices=["linear", "none"], default="linear",
+                   help="linear: the gold share of each target rises from 0 to 1 over the run (teacher annealing); "
+                   "none: it stays 1 - --distill_weight")
+    g.add_argument("--distill_weight", type=number, default=0.5, help="the teachers' share with --distill_anneal none")
+    g.add_argument("--distill_loss", choices=["kl", "ce"], default="kl",
+                   help="classification tasks against the mixed target: KL divergence, or cross-entropy (KL + the "
+                   "target's entropy)")
     g = p.add_argument_group("data, checkpoints, devices")
     g.add_argument("--data_dir", default="data", help="folder with the CS224N task files")
     g.add_argument("--bert", default=None, help="BERT checkpoint folder (default: the installed all-MiniLM-L6-v2)")
@@ -594,7 +657,8 @@ def build_parser():
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="bf16: bfloat16 autocast for the matmuls (the losses stay float32); auto: bf16 where the "
                    "hardware has it (CPUs with AVX512-BF16 or AMX, CUDA cards with bf16), else fp32")
-    g.add_argument("--compile", action="store_true", help="torch.compile the encoder (measured slower on CPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the encoder (measured slower on CPU); on "
+                   "CUDA as CUDA graphs, with lengths padded to multiples of 16 (untried on a GPU yet)")
     g.add_argument("--save_every", type=int, default=0, help="also save last.pt every N steps")
     g.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its last.pt, with its flags")
     g.add_argument("--eval_only", action="store_true", help="score --checkpoint (without it: the --bert checkpoint "
@@ -609,6 +673,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     args.focus = [t.strip() for t in args.focus.split(",") if t.strip()]
+    args.teachers = [t.strip() for t in args.teachers.split(",") if t.strip()] if args.teachers else []
     if args.lr is None:
         args.lr = 1e-3 if args.option == "pretrain" else 1e-4
     check_flags(p, args)
@@ -649,6 +714,8 @@ def check_flags(p, args):
         p.error("--checkpoint is only read with --eval_only (to continue a run, use --resume)")
     if args.eval_only and args.resume:
         p.error("--eval_only and --resume exclude each other")
+    if not 0 <= args.distill_weight <= 1:
+        p.error("--distill_weight must lie in [0, 1]")
 
 
 def default_out_dir(args):
@@ -663,7 +730,7 @@ def default_out_dir(args):
                              ("clip", args.clip_grad, 0.0), ("seed", args.seed, 11711)):
         if value != off:
             name += f"-{flag}{value:g}" if isinstance(value, float) else f"-{flag}{value}"
-    return Path("runs") / (name + ("-smart" if args.smart else ""))
+    return Path("runs") / (name + ("-smart" if args.smart else "") + ("-distill" if args.teachers else ""))
 
 
 def flags_of_the_run(args, given, path):
@@ -704,7 +771,7 @@ def one_line(error):
 def cli():
     try:
         main()
-    except (tasks.DataError, CheckpointError, RunError, OSError) as e:
+    except (tasks.DataError, CheckpointError, RunError, distill.TeacherError, OSError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -112,13 +112,13 @@ def write_safetensors(path, tensors, metadata=None):
 # ----------------------------------------------------------------------------- train.py runs
 
 def poisoned_task_loss(task_loss, nan_loss_calls=(), nan_gradient_calls=()):
-    """task_loss(task, outputs, labels), made NaN on the given calls (counted from 0, one call per
+    """task_loss(task, outputs, labels, ...), made NaN on the given calls (counted from 0, one call per
     task per step), or finite with a NaN gradient there (sqrt'(0) * 0). Monkeypatch train.task_loss
     with it; each poisoned function counts its own calls."""
     calls = iter(range(10**9))
 
-    def poisoned(task, outputs, labels):
-        loss, k = task_loss(task, outputs, labels), next(calls)
+    def poisoned(task, outputs, labels, *teaching):
+        loss, k = task_loss(task, outputs, labels, *teaching), next(calls)
         if k in nan_loss_calls:
             return loss * float("nan")
         if k in nan_gradient_calls:

@@ -90,11 +90,12 @@ def test_bad_flags_exit_with_status_2():
 
 
 def test_quick_run_prints_each_tables_contenders_reference_first(data_dir, capsys):
-    # the optimizer table is left out: compiling fused=True can take longer than this whole test
+    # without the memory column, which starts a process per row (tested below); the optimizer and
+    # epoch tables are left out: compiling fused=True, and whole runs, take longer than the rest
     threads = torch.get_num_threads()
     try:
-        bench.main(["--quick", "--rounds", "1", "--threads", "1", "--data_dir", str(data_dir),
-                    "--only", "encoder,tokenizer,data,smart"])
+        bench.main(["--quick", "--rounds", "1", "--threads", "1", "--data_dir", str(data_dir), "--no_memory",
+                    "--only", "encoder,tokenizer,data,smart,step"])
     finally:
         torch.set_num_threads(threads)
     tables = capsys.readouterr().out.split("\n\n")[1:]
@@ -102,5 +103,29 @@ def test_quick_run_prints_each_tables_contenders_reference_first(data_dir, capsy
     assert contenders == [["transformers sdpa", "ours", "transformers eager"]] * 2 + [
         ["transformers slow", "ours, cold cache", "transformers fast"],
         ["naive (tokenise per batch, pad to 128)", "ours (ids cached, padded to the longest)"],
-        ["without SMART", "with SMART (K = 1)"]]
-    assert all(t.splitlines()[2].endswith(" 1.00x") for t in tables)
+        ["without SMART", "with SMART (K = 1)"],
+        ["fp32, eager update (the defaults before)", "bf16 autocast, eager update",
+         "bf16 autocast, fused update (train.py's default)", "bf16 matmul of the FFN's shape, same tokens (the limit)"]]
+    assert all(" 1.00x" in t.splitlines()[2] for t in tables)
+    step = tables[-1].splitlines()
+    assert step[1].split()[-4:] == ["TFLOP/s", "of", "the", "last"] and step[-1].endswith(" 100%")
+
+
+def test_the_flop_counter_counts_a_linear_layers_matmul_forward_and_backward():
+    layer = torch.nn.Linear(384, 1536)
+    x = torch.randn(100, 384, requires_grad=True)
+    flops = bench.counted_flops(lambda x: layer(x).sum().backward(), x)
+    assert flops == 3 * 2 * 100 * 384 * 1536  # forward, and the gradients of x and of the weight
+
+
+def test_peak_memory_of_a_call_counts_what_it_allocates_and_holds():
+    held = []
+    peak = bench.peak_memory_of(lambda n: held.append(torch.ones(n, dtype=torch.uint8)), 64 * 2**20, CPU)
+    assert 128 * 2**20 <= peak < 160 * 2**20  # two calls, 64 MiB each, both held; a little else
+
+
+def test_the_memory_column_measures_each_row_in_a_fresh_process(data_dir, capsys):
+    bench.main(["--quick", "--rounds", "1", "--data_dir", str(data_dir), "--only", "tokenizer"])
+    table = capsys.readouterr().out.split("\n\n")[1].splitlines()
+    assert table[1].split()[-2:] == ["peak", "MiB"]
+    assert all(float(row.split()[-1]) >= 0 for row in table[2:])

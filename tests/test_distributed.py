@@ -51,8 +51,8 @@ def saving_train(args, model, *rest):
     real_train(args, model, *rest)
     torch.save({"steps": steps, "model": model.state_dict()}, f"{args.out_dir}-{rank}.pt")
 
-def poisoned_task_loss(task, outputs, labels, calls=iter(range(10**6))):
-    loss, k = real_task_loss(task, outputs, labels), next(calls)
+def poisoned_task_loss(task, outputs, labels, *teaching, calls=iter(range(10**6))):
+    loss, k = real_task_loss(task, outputs, labels, *teaching), next(calls)
     if k == 2:
         return loss * float("nan")          # step 1: a NaN loss
     if k == 7:

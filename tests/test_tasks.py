@@ -109,6 +109,29 @@ def test_ordered_batches_cover_every_example_once_shortest_first(data_dir, token
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_padding_to_a_multiple_of_16_changes_the_shapes_not_the_outputs(data_dir, tokenizer, pooling):
+    """What --compile on CUDA relies on: every batch padded to a multiple of 16 (at most
+    max_length), the same ids before the padding, and every head's output the same but for
+    float rounding, since the padding is masked (attention, mean pooling) or never read ([CLS])."""
+    torch.manual_seed(0)
+    model = tasks.MultitaskBert(tiny_bert(max_position_embeddings=128), tasks.TASKS, dropout=0.1,
+                                pooling=pooling).eval()
+    for task in tasks.TASKS:
+        examples = tasks.read_examples(data_dir, task, "dev")[:24]
+        plain = tasks.TaskData(task, examples, tokenizer, max_length=120)
+        padded = tasks.TaskData(task, examples, tokenizer, max_length=120, pad_multiple=16)
+        for indices in plain.ordered_batches(8):
+            ours, theirs = plain.batch(indices)["inputs"], padded.batch(indices)["inputs"]
+            for a, b in zip(ours, theirs):
+                length, rounded = a["input_ids"].shape[1], b["input_ids"].shape[1]
+                assert rounded == min(-(-length // 16) * 16, 120)
+                for key in a:
+                    assert b[key][:, :length].equal(a[key]) and not b[key][:, length:].any()
+            with torch.no_grad():
+                torch.testing.assert_close(model(task, theirs), model(task, ours), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
 def test_heads_are_linear_maps_of_the_sentence_vector_and_sts_is_a_cosine(data_dir, tokenizer, pooling):
     """Each head's output recomputed in float64 from the encoder's hidden states: the mean of the
     real tokens (or the pooler output), then the linear layer; STS the cosine of two token means."""
