@@ -3,14 +3,14 @@
 The study's open problem is that its multi-task model trails its single-task ones, and it names
 distillation from single-task teachers (Liu et al. 2019) as the way to close the gap. Two recipes:
 
-Teacher annealing (Clark et al. 2019, "BAM! Born-Again Multi-Task Networks", section 3.2): each
+Teacher annealing (Clark et al. 2019, "BAM! Born-Again Multi-Task Networks"): each
 task's target mixes the gold label with the teacher's prediction,
 
     target = λ · gold + (1 - λ) · teacher,    λ = the fraction of the run's optimizer steps done,
 
 so the student starts by imitating its teachers and ends learning from the gold labels alone.
 Ensemble teachers (Liu et al. 2019, "Improving Multi-Task Deep Neural Networks via Knowledge
-Distillation for Natural Language Understanding", section 3): several teachers of one task (runs
+Distillation for Natural Language Understanding"): several teachers of one task (runs
 with other seeds) are averaged into the soft target, and the mix stays fixed (`--distill_anneal
 none`: λ = 1 - --distill_weight, 0.5 by default).
 
@@ -18,7 +18,7 @@ What a teacher predicts, per task, is what its head's loss compares with the gol
 probabilities softmax(z) for SST and CFIMDB (the gold one-hot mixed with them), the probability
 σ(z) of a paraphrase for PARA, and the head's score 5 · cos for STS. The student's loss is then
 its task loss against the mixed target (losses.py: soft cross-entropy, with --distill_loss kl
-minus the target's entropy). Temperature 1, as in both papers.
+minus the target's entropy). No temperature: the probabilities are the teachers' own softmax.
 
 The teachers predict once, at the start, on the student's own training examples, in eval mode.
 Their targets are kept in <out_dir>/teachers.pt by example id, so a resumed run reads exactly

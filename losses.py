@@ -38,6 +38,14 @@ What FLS does, by sampler:
   FLS when no focused task is in this step's losses is just GLS: only the focused tasks present in
   `losses` count towards the second factor.
 
+Distillation (distill.py) compares a head with a soft target q: a mix of the gold label and a
+teacher's prediction. Its cross-entropy -sum_c q_c log p_c never falls below the entropy H(q) of
+the target, reached when p = q; the KL divergence KL(q || p) = cross-entropy - H(q) has the same
+gradient in the logits, p - q, but falls to 0 as the plain loss does. Under the sum that constant
+changes nothing; under GLS it does, since GLS weighs task i by GLS / (n L_i): a task whose loss
+cannot fall below H(q) keeps a smaller weight than the same task measured by its KL. train.py
+uses the KL by default (--distill_loss kl); which trains better is not measured yet.
+
 The floor. Both geometric strategies are computed in log space, exp(mean_i log L_i), since a
 product of many small losses underflows, and each L_i is first clamped below at LOSS_FLOOR = 1e-8:
 log(0) is -inf and dGLS/dL_i = GLS / (n L_i) grows without bound as L_i -> 0, so a solved task (a

@@ -339,7 +339,7 @@ def pick_device(choice):
 def native_precision(device):
     """bf16 where the hardware multiplies bfloat16 natively, else fp32. Under bf16 autocast the
     matmuls run in bfloat16 (float32 accumulation) while weights, optimizer and the residual
-    stream stay float32; on the main command it scores as float32 does (results/README.md)."""
+    stream stay float32; the main command scores as it did in float32 (results/README.md, "Precision")."""
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
