@@ -38,7 +38,8 @@ Memory: beside each row, the peak memory of the contender's work above its set-u
 optimizers and batches), measured in a fresh process per row, since freed memory stays with a
 process (glibc keeps it for reuse, torch's CUDA allocator caches it) and contenders measured one
 after another would hide each other's peaks: the peak resident set (Linux's VmHWM, reset after
-the set-up) over the first two calls on CPU, torch.cuda.max_memory_allocated() on CUDA. So it
+the set-up, once glibc has handed freed pages back with malloc_trim, so that reusing them counts)
+over the first two calls on CPU, torch.cuda.max_memory_allocated() on CUDA. So it
 holds activations, gradients and the optimizer's state, created at the first step. For whole runs
 (the epoch table) it is the process's own peak resident set, everything included.
 """
