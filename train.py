@@ -145,7 +145,7 @@ def training_step(args, model, optimizer, regulariser, params, batches, shares, 
     `shares` is each batch's share of its global batch under torchrun (1.0 in one process); a
     batch with a "teacher" target is distilled, `gold` being the gold label's share (distill.py)."""
     optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+    with autocast(args, device):
         # the task losses in float32 whatever the autocast: GLS and FLS take their logs
         task_losses = global_means({task: task_loss(task, model(task, b["inputs"]), b["labels"], b.get("teacher"),
                                                     gold, args.distill_loss).float()
@@ -291,7 +291,7 @@ def predict(model, data, args, device):
     predicted = {}
     for indices in data.ordered_batches(args.eval_batch_size)[distributed.RANK::distributed.WORLD_SIZE]:
         batch = tasks.move_batch(data.batch(indices), device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+        with autocast(args, device):
             outputs = model(data.task, batch["inputs"])
         predicted.update(zip(indices, tasks.predictions_from_outputs(data.task, outputs.float()).tolist()))
     predicted = {i: value for part in distributed.gathered(predicted) for i, value in part.items()}
@@ -334,6 +334,11 @@ def pick_device(choice):
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(choice)
+
+
+def autocast(args, device):
+    """bfloat16 autocast with --precision bf16, a no-op context with fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
 
 def native_precision(device):
@@ -416,10 +421,10 @@ def teacher_targets(args, checkpoint_dir, train_data, device):
         teacher = tasks.MultitaskBert(encoder, teacher_args["tasks"], 0.0, teacher_args["pooling"]).to(device)
         teacher.load_state_dict(load_model_state(Path(folder) / "best.pt", teacher))
         log(f"teacher {folder}: predicting {', '.join(teacher_args['tasks'])} on the training examples")
-        autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
         for task in teacher_args["tasks"]:
             per_task.setdefault(task, []).append(
-                distill.soft_targets(teacher, train_data[task], args.eval_batch_size, device, autocast))
+                distill.soft_targets(teacher, train_data[task], args.eval_batch_size, device,
+                                    lambda: autocast(args, device)))
     return {task: distill.ensemble(targets) for task, targets in per_task.items()}
 
 
