@@ -21,8 +21,9 @@ One training step (`training_step`), on the batches B_t the sampler names for th
 The loop (`train`): for every epoch, the sampler's plan for it (samplers.py, rebuilt from
 (seed, epoch)), one step per entry, then a dev evaluation. Files in --out_dir (runs/<name from the
 flags> by default): args.json; metrics.jsonl, a line per epoch; best.pt, the model of the best
-epoch by the overall dev score; last.pt, everything needed to go on; at the end predictions/,
-the CS224N leaderboard files of the best model, and scores.json, its dev scores, written last.
+epoch by the overall dev score, with that epoch's dev predictions (so the end of the run need not
+predict dev again); last.pt, everything needed to go on; at the end predictions/, the CS224N
+leaderboard files of the best model, and scores.json, its dev scores, written last.
 
 Saving and resuming. A new run saves last.pt before its first step; at the end of an epoch
 best.pt (when the epoch is the best so far), then last.pt are saved, each atomically (a temporary
@@ -101,6 +102,7 @@ def main(argv=None):
     if distributed.RANK > 0:  # but each rank its own dropout masks (and SMART noise)
         torch.manual_seed(args.seed + distributed.RANK)
 
+    best = {}  # best.pt, once a run has trained
     if args.eval_only:
         if args.checkpoint:  # without one, the released encoder is scored as it is
             model.load_state_dict(load_model_state(args.checkpoint, model))
@@ -122,9 +124,15 @@ def main(argv=None):
             save_resumable(out_dir / "last.pt", args, model, optimizer, regulariser, progress, device)
         train(args, model, optimizer, regulariser, progress, train_data, dev_data, device, out_dir, teachers)
         distributed.barrier()  # rank 0 has written best.pt
-        model.load_state_dict(load_model_state(out_dir / "best.pt", model))
+        best = load_checkpoint(out_dir / "best.pt")
+        model.load_state_dict(checked_model_state(out_dir / "best.pt", best, model))
 
-    scores, overall, dev_predicted = evaluate(model, dev_data, args, device)
+    if "dev_predictions" in best:  # what the best epoch's evaluation found: the same weights predict
+        # the same again (a best.pt from before this file kept them holds none: then dev is predicted)
+        scores, dev_predicted = best["dev"], best["dev_predictions"]
+        overall = tasks.overall_score(scores)
+    else:
+        scores, overall, dev_predicted = evaluate(model, dev_data, args, device)
     for task in args.tasks:
         write_predictions(out_dir / "predictions" / f"{task}-dev-output.csv", dev_data[task], dev_predicted[task])
         write_predictions(out_dir / "predictions" / f"{task}-test-output.csv", test_data[task],
@@ -258,7 +266,7 @@ def count_bad_step(progress, epoch, step):
 
 def end_epoch(args, model, progress, epoch, started, dev_data, device, out_dir):
     """Evaluate on dev, record the epoch in `progress`, and save best.pt if it is the best yet."""
-    scores, overall, _ = evaluate(model, dev_data, args, device)
+    scores, overall, predicted = evaluate(model, dev_data, args, device)
     record = {"epoch": epoch + 1, "train_loss": progress["total_loss"] / max(progress["n_steps"], 1),
               "dev": scores, "overall": overall, "seconds": round(time.time() - started, 1),
               "skipped_steps": progress["skipped"]}
@@ -269,7 +277,8 @@ def end_epoch(args, model, progress, epoch, started, dev_data, device, out_dir):
     if progress["best_epoch"] == 0 or score > progress["best"]:
         progress["best"], progress["best_epoch"] = score, epoch + 1
         if distributed.RANK == 0:
-            save_atomically({"model": model.state_dict(), "epoch": epoch + 1, "dev": scores}, out_dir / "best.pt")
+            save_atomically({"model": model.state_dict(), "epoch": epoch + 1, "dev": scores,
+                             "dev_predictions": predicted}, out_dir / "best.pt")
 
 
 def new_progress():
