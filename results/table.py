@@ -1,29 +1,40 @@
-"""The results table (results/README.md), reproduced by one command.
+"""The study's comparisons at today's defaults, three seeds a row (results/README.md), in one command.
 
-    python results/table.py --data_dir ../shared/data            # run every unfinished row, print the table
-    python results/table.py --data_dir ../shared/data --dry_run  # print the table of the finished rows only
-    python results/table.py --dry_run --write_runs               # and save their flags and metrics (below)
+    python results/table.py --data_dir ../shared/data              # run every unfinished run, print the page's tables
+    python results/table.py --dry_run                              # print them from the finished runs only
+    python results/table.py --dry_run --write_runs                 # and save every run's flags and metrics (below)
 
-Every row is one train.py run with the flags below, in runs/table/<row name>; its log goes to
-runs/table/<row name>.log. A row whose run has written scores.json (train.py's last act) is
-finished and is not run again; a run that was stopped part-way is continued with --resume, so the
-script can be stopped and started again at any time, and the table can be filled over several
-sessions. Rows run one after another, on purpose: on a 2-core CPU two runs at once only slow
-each other down. The script adds `--save_every 500` to every run (it changes no result, only how
-much a stopped run loses).
+Every row is one train.py command, run once for each seed in SEEDS (`--seed` added), in
+runs/study/<row>-seed<seed>, its log beside it as <row>-seed<seed>.log. A run that has written
+scores.json (train.py's last act) is finished and is not run again; a run stopped part-way is
+continued with --resume, so the script can be stopped and started again at any time, over
+several sessions. Runs go one after another, on purpose: on a 2-core CPU two at once only slow
+each other down. `--save_every 200` is added to every run (it changes no result, only how much a
+stopped run loses). A row can stand in several sections (the main command is the reference of
+most); it runs once.
 
-Each table cell is the dev score of the run's best epoch (the checkpoint train.py keeps, by the
-overall score; the overall column is left empty for single-task rows); wall time is train.py's
-own count of training plus the dev pass of every epoch.
+Each cell is the mean, over the row's finished seeds, of the dev score of each run's best epoch
+(the checkpoint train.py keeps, by the overall score), ± half the spread (max - min) of those
+scores; wall time is the mean of train.py's own count of training plus each epoch's dev pass.
 
-results/table-runs.jsonl keeps, per finished row, what its run's own files say: the flags it ran
-with (args.json), its best dev scores and every epoch's record. The tests hold each row's command
-to those flags, so a changed default cannot silently change what an old row's command runs.
+Under the tables, one line per claim (CLAIMS): "holds" where row A's mean beats row B's by more
+than twice the standard error of the difference (Welch's, from the seeds' sample variances),
+"the other way" where B's beats A's by as much, else "within seed noise". With three seeds a
+side that is a rough test (about 90% two-sided, by Student's t at 4 degrees of freedom): enough
+to tell a seed's wobble from an effect, not to settle a small one.
+
+results/study-runs.jsonl keeps, per finished run, what its files say: its row and seed, the
+flags it ran with (args.json), its best dev scores and every epoch's record; the tests hold every
+row's command to those flags. results/history.jsonl keeps the rows of the table before this one
+(run at earlier defaults, mostly one seed each, with the commit they were recorded at); `--history`
+prints them. Today's code does not run them: their commands are in their records.
 """
 import argparse
 import json
+import math
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -33,206 +44,264 @@ sys.path.insert(0, str(ROOT))
 # the flags that do not change what a run learns (paths, devices, speed)
 from train import FREE_ON_RESUME, read_metrics  # noqa: E402
 
-# (row name, what the row is, train.py flags); a row whose flags are ("epoch", N, "other row")
-# reads epoch N of the other row's run instead of running: at a constant learning rate the first
-# epoch of a longer run is exactly a one-epoch run with the same flags (tests check the other row's
-# schedule). Rows run before a default changed pin the value they ran with, so that every printed
-# command still reproduces its row under today's defaults.
-B8, CONSTANT, LR5E5 = "--batch_size 8", "--lr_schedule constant", "--lr 5e-5"
+SEEDS = (11711, 1, 2)  # 11711 is train.py's default
+RUNS = "{runs}"  # stands for the runs folder in a row's flags: a student's teachers are other rows' runs
 MAIN = "--option finetune --loss gls --sampler roundrobin"
+TEACHERS = ",".join(f"{RUNS}/{task}-alone-seed{SEEDS[0]}" for task in ("sst", "para", "sts"))
+ENSEMBLE = ",".join(f"{RUNS}/{task}-alone-seed{seed}" for task in ("sst", "para", "sts") for seed in SEEDS)
+
+# (section title, [(row name, what the row is, train.py flags)])
 SECTIONS = [
-    ("Multi-task at the defaults: SST + PARA + STS, finetune, batch 32, lr 1e-4 falling linearly to 0, "
-     "dropout 0.1", [
-        ("main", "the main command: GLS + round-robin, 3 epochs", MAIN),
-        ("main-5ep", "GLS + round-robin, 5 epochs", f"{MAIN} --epochs 5"),
-        ("main-seed1", "the main command with --seed 1 (seed noise)", f"{MAIN} --seed 1"),
-        ("fls", "FLS(para) + round-robin, 3 epochs",
-         "--option finetune --loss fls --focus para --sampler roundrobin"),
-        ("main-1ep", "GLS + round-robin, 1 epoch (SST seen about twice)", f"{MAIN} --epochs 1"),
-        ("main-2ep", "GLS + round-robin, 2 epochs", f"{MAIN} --epochs 2"),
-    ]),
-    ("Single-task at the defaults: each task without the other two", [
-        ("sst-alone", "SST alone, 3 epochs (best: epoch 2)", "--tasks sst"),
-        ("para-alone", "PARA alone, 3 epochs", "--tasks para"),
-        ("sts-alone", "STS alone, 3 epochs", "--tasks sts"),
-        ("sst-alone-5ep", "SST alone, 5 epochs (best: epoch 2)", "--tasks sst --epochs 5"),
-        ("sst-alone-lr5e-5", "SST alone, lr 5e-5 (best: epoch 2)", "--tasks sst --lr 5e-5"),
-        ("sst-alone-dropout0", "SST alone, dropout 0 (best: epoch 2)", "--tasks sst --hidden_dropout_prob 0"),
-    ]),
-    ("Multi-task, batch 8, constant lr 5e-5, dropout 0.1 (the defaults before batch 32)", [
-        ("main-b8", "GLS + round-robin, 3 epochs", f"{MAIN} --epochs 3 {B8} {CONSTANT} {LR5E5}"),
-        ("main-b8-1", "GLS + round-robin, 3 epochs: its epoch 1", ("epoch", 1, "main-b8")),
-        ("main-b8-seed1", "GLS + round-robin with --seed 1, 1 epoch (seed noise)",
-         f"{MAIN} --epochs 1 --seed 1 {B8} {CONSTANT} {LR5E5}"),
-        ("fls-roundrobin-dropout0.1", "FLS(para) + round-robin, 3 epochs",
-         f"--loss fls --focus para --sampler roundrobin --epochs 3 {B8} {CONSTANT} {LR5E5}"),
-    ]),
-    ("Single-task, the study's Table 1 (batch 8, a constant rate and dropout 0.3, the study's; finetune lr 5e-5)", [
-        ("sst-pretrain", "SST, pretrain (encoder frozen)",
-         f"--option pretrain --tasks sst --epochs 2 --hidden_dropout_prob 0.3 {B8} {CONSTANT}"),
-        ("para-pretrain", "PARA, pretrain (encoder frozen)",
-         f"--option pretrain --tasks para --epochs 1 --hidden_dropout_prob 0.3 {B8} {CONSTANT}"),
-        ("sts-pretrain", "STS, pretrain: the released encoder (the STS head has no weights)",
+    ("The study's Table 1: each task alone, frozen (pretrain) or fine-tuned, and the multi-task baseline", [
+        ("sst-pretrain", "SST, pretrain (encoder frozen, lr 1e-3)", "--option pretrain --tasks sst"),
+        ("sst-alone", "SST, finetune", "--tasks sst"),
+        ("para-pretrain", "PARA, pretrain", "--option pretrain --tasks para"),
+        ("para-alone", "PARA, finetune", "--tasks para"),
+        ("sts-pretrain", "STS, the released encoder (its head has no weights: nothing to train, one run)",
          "--tasks sts --eval_only"),
-        ("sst-finetune", "SST, finetune",
-         f"--tasks sst --epochs 1 --hidden_dropout_prob 0.3 {B8} {CONSTANT} {LR5E5}"),
-        ("para-finetune", "PARA, finetune",
-         f"--tasks para --epochs 1 --hidden_dropout_prob 0.3 {B8} {CONSTANT} {LR5E5}"),
-        ("sts-finetune", "STS, finetune",
-         f"--tasks sts --epochs 1 --hidden_dropout_prob 0.3 {B8} {CONSTANT} {LR5E5}"),
-        ("cfimdb-finetune", "CFIMDB, finetune (reviews cut at 256 tokens)",
-         f"--tasks cfimdb --epochs 2 --max_length 256 --hidden_dropout_prob 0.3 {B8} {CONSTANT} {LR5E5}"),
+        ("sts-alone", "STS, finetune", "--tasks sts"),
+        ("cfimdb-alone", "CFIMDB, finetune (reviews cut at 128 tokens)", "--tasks cfimdb"),
+        ("baseline", "multi-task baseline: sum + sequential, AdamW", "--loss sum --sampler sequential"),
     ]),
-    ("Multi-task: SST + PARA + STS, finetune, batch 8, constant lr 5e-5, the study's dropout 0.3", [
-        ("gls-roundrobin-dropout0.3", "GLS + round-robin, 4 epochs (best: epoch 3)",
-         f"--loss gls --sampler roundrobin --epochs 4 --hidden_dropout_prob 0.3 {B8} {CONSTANT} {LR5E5}"),
-        ("gls-roundrobin-dropout0.3-2", "GLS + round-robin, 2 epochs", ("epoch", 2, "gls-roundrobin-dropout0.3")),
-        ("sum-sequential", "baseline: sum + sequential, AdamW, 1 epoch",
-         f"--loss sum --sampler sequential --epochs 1 --hidden_dropout_prob 0.3 {B8} {CONSTANT} {LR5E5}"),
-        ("gls-roundrobin-dropout0.3-1", "GLS + round-robin, 1 epoch", ("epoch", 1, "gls-roundrobin-dropout0.3")),
-        ("gls-break", "GLS + break, 1 epoch",
-         f"--loss gls --sampler break --epochs 1 --hidden_dropout_prob 0.3 {B8} {CONSTANT} {LR5E5}"),
-        ("fls-break", "FLS(para) + break, 1 epoch",
-         f"--loss fls --focus para --sampler break --epochs 1 --hidden_dropout_prob 0.3 {B8} {CONSTANT} {LR5E5}"),
-        ("adabelief", "sum + sequential, AdaBelief, 1 epoch",
-         "--loss sum --sampler sequential --optimizer adabelief --epochs 1"
-         f" --hidden_dropout_prob 0.3 {B8} {CONSTANT} {LR5E5}"),
-        ("adabelief-clip", "sum + sequential, AdaBelief + clip 1.0, 1 epoch",
-         "--loss sum --sampler sequential --optimizer adabelief --clip_grad 1.0 --epochs 1"
-         f" --hidden_dropout_prob 0.3 {B8} {CONSTANT} {LR5E5}"),
-        ("proportional", "proportional sampling (alpha 1), 1 epoch",
-         f"--sampler proportional --epochs 1 --hidden_dropout_prob 0.3 {B8} {CONSTANT} {LR5E5}"),
-        ("fls-roundrobin", "FLS(para) + round-robin, 3 epochs",
-         "--loss fls --focus para --sampler roundrobin --epochs 3"
-         f" --hidden_dropout_prob 0.3 {B8} {CONSTANT} {LR5E5}"),
-        ("fls-roundrobin-1", "FLS(para) + round-robin, 1 epoch", ("epoch", 1, "fls-roundrobin")),
-        ("main-linear", "GLS + round-robin, learning rate falling linearly to 0, 3 epochs",
-         f"--loss gls --sampler roundrobin --epochs 3 --lr_schedule linear --hidden_dropout_prob 0.3 {B8} {LR5E5}"),
+    ("Optimizer, on the main command (GLS + round-robin)", [
+        ("main", "AdamW (the main command)", MAIN),
+        ("adabelief", "AdaBelief", f"{MAIN} --optimizer adabelief"),
+        ("adabelief-clip", "AdaBelief + global-norm clipping at 1.0", f"{MAIN} --optimizer adabelief --clip_grad 1.0"),
     ]),
-    ("Single-task sweeps, finetune, batch 8, constant lr, 1 epoch (against the dropout 0.3, lr 5e-5 rows)", [
-        ("sst-lr1e-5", "SST, lr 1e-5 (the study's)",
-         f"--tasks sst --lr 1e-5 --epochs 1 --hidden_dropout_prob 0.3 {B8} {CONSTANT}"),
-        ("sst-lr2e-5", "SST, lr 2e-5",
-         f"--tasks sst --lr 2e-5 --epochs 1 --hidden_dropout_prob 0.3 {B8} {CONSTANT}"),
-        ("sst-lr1e-4", "SST, lr 1e-4",
-         f"--tasks sst --lr 1e-4 --epochs 1 --hidden_dropout_prob 0.3 {B8} {CONSTANT}"),
-        ("sst-dropout0.1", "SST, dropout 0.1",
-         f"--tasks sst --epochs 1 {B8} {CONSTANT} {LR5E5}"),
-        ("sst-dropout0.5", "SST, dropout 0.5",
-         f"--tasks sst --epochs 1 --hidden_dropout_prob 0.5 {B8} {CONSTANT} {LR5E5}"),
-        ("sst-dropout0", "SST, dropout 0",
-         f"--tasks sst --epochs 1 --hidden_dropout_prob 0 {B8} {CONSTANT} {LR5E5}"),
-        ("para-dropout0.1", "PARA, dropout 0.1",
-         f"--tasks para --epochs 1 {B8} {CONSTANT} {LR5E5}"),
-        ("sts-dropout0.1", "STS, dropout 0.1",
-         f"--tasks sts --epochs 1 {B8} {CONSTANT} {LR5E5}"),
-        ("sts-dropout0", "STS, dropout 0",
-         f"--tasks sts --epochs 1 --hidden_dropout_prob 0 {B8} {CONSTANT} {LR5E5}"),
-        ("sst-smart", "SST, SMART (paper defaults)",
-         f"--tasks sst --epochs 1 --smart --hidden_dropout_prob 0.3 {B8} {CONSTANT} {LR5E5}"),
+    ("Loss strategy, round-robin", [
+        ("sum-roundrobin", "sum", "--loss sum --sampler roundrobin"),
+        ("main", "GLS (the main command)", MAIN),
+        ("fls-roundrobin", "FLS(para)", "--loss fls --focus para --sampler roundrobin"),
+    ]),
+    ("Sampler, GLS", [
+        ("gls-sequential", "sequential", "--loss gls --sampler sequential"),
+        ("gls-break", "break", "--loss gls --sampler break"),
+        ("main", "round-robin (the main command)", MAIN),
+        ("gls-proportional", "proportional (alpha 1)", "--loss gls --sampler proportional"),
+    ]),
+    ("SMART with its Bregman proximal update, SST alone", [
+        ("sst-alone", "without SMART", "--tasks sst"),
+        ("sst-smart", "epsilon 1e-5 (the paper's)", "--tasks sst --smart"),
+        ("sst-smart-eps1e-3", "epsilon 1e-3 (an adversarial term measurably above 0)",
+         "--tasks sst --smart --smart_eps 1e-3"),
+    ]),
+    ("Distillation: the main command as the student of the single-task rows (their seed 11711)", [
+        ("main", "no teachers (the main command)", MAIN),
+        ("student-anneal", "teacher annealing (Clark et al., 2019)", f"{MAIN} --teachers {TEACHERS}"),
+        ("student-mix", "a fixed mix, half gold, half teacher", f"{MAIN} --teachers {TEACHERS} --distill_anneal none"),
+        ("student-ensemble-mix", "three teachers a task (the alone rows' three seeds), a fixed half mix "
+         "(Liu et al., 2019)", f"{MAIN} --teachers {ENSEMBLE} --distill_anneal none"),
+        ("student-anneal-ce", "teacher annealing, cross-entropy in place of KL",
+         f"{MAIN} --teachers {TEACHERS} --distill_loss ce"),
     ]),
 ]
-# Every row above ran in float32, before bf16 became the default on hardware that has it: each
-# row pins --precision fp32, so that its command still runs what it ran.
-SECTIONS = [(title, [(name, label, flags if isinstance(flags, tuple) else f"{flags} --precision fp32")
-                     for name, label, flags in rows]) for title, rows in SECTIONS]
 FLAGS = {name: flags for _, rows in SECTIONS for name, _, flags in rows}  # row name -> its flags
+LABELS = {name: label for _, rows in SECTIONS for name, label, _ in rows}
+
+# (the claim, (row A, score), (row B, score)): the claim holds when A's score beats B's
+CLAIMS = [
+    ("Fine-tuning beats a frozen encoder: SST", ("sst-alone", "sst"), ("sst-pretrain", "sst")),
+    ("Fine-tuning beats a frozen encoder: PARA", ("para-alone", "para"), ("para-pretrain", "para")),
+    ("Fine-tuning beats the released encoder: STS", ("sts-alone", "sts"), ("sts-pretrain", "sts")),
+    ("The multi-task model trails the single-task one: SST", ("sst-alone", "sst"), ("main", "sst")),
+    ("The multi-task model trails the single-task one: PARA", ("para-alone", "para"), ("main", "para")),
+    ("The multi-task model trails the single-task one: STS", ("sts-alone", "sts"), ("main", "sts")),
+    ("GLS + round-robin beats the baseline (sum + sequential)", ("main", "overall"), ("baseline", "overall")),
+    ("AdaBelief beats AdamW", ("adabelief", "overall"), ("main", "overall")),
+    ("Clipping at 1.0 helps AdaBelief", ("adabelief-clip", "overall"), ("adabelief", "overall")),
+    ("GLS beats the sum", ("main", "overall"), ("sum-roundrobin", "overall")),
+    ("FLS(para) raises PARA over GLS", ("fls-roundrobin", "para"), ("main", "para")),
+    ("FLS(para) beats GLS overall", ("fls-roundrobin", "overall"), ("main", "overall")),
+    ("Round-robin beats sequential", ("main", "overall"), ("gls-sequential", "overall")),
+    ("Round-robin beats break", ("main", "overall"), ("gls-break", "overall")),
+    ("Round-robin beats proportional", ("main", "overall"), ("gls-proportional", "overall")),
+    ("SMART raises SST, epsilon 1e-5", ("sst-smart", "sst"), ("sst-alone", "sst")),
+    ("SMART raises SST, epsilon 1e-3", ("sst-smart-eps1e-3", "sst"), ("sst-alone", "sst")),
+    ("Distillation (annealed) beats the plain multi-task model", ("student-anneal", "overall"), ("main", "overall")),
+    ("The annealed student reaches its SST teacher", ("student-anneal", "sst"), ("sst-alone", "sst")),
+    ("The annealed student reaches its PARA teacher", ("student-anneal", "para"), ("para-alone", "para")),
+    ("The annealed student reaches its STS teacher", ("student-anneal", "sts"), ("sts-alone", "sts")),
+    ("Annealing beats a fixed half mix", ("student-anneal", "overall"), ("student-mix", "overall")),
+    ("An ensemble of teachers beats one (fixed mix)", ("student-ensemble-mix", "overall"), ("student-mix", "overall")),
+    ("KL beats cross-entropy under GLS (annealed)", ("student-anneal", "overall"), ("student-anneal-ce", "overall")),
+]
 TASKS = ("sst", "para", "sts")
-RUNS_FILE = ROOT / "results" / "table-runs.jsonl"
+STUDY_RUNS = ROOT / "results" / "study-runs.jsonl"
+HISTORY = ROOT / "results" / "history.jsonl"
 
 
-def row_command(flags):
-    """The command a row prints (and its saved run record names)."""
-    return f"python train.py {flags} --data_dir ../shared/data"
+# ----------------------------------------------------------------------------- the runs
+
+def seeds_of(name):
+    """An --eval_only row trains nothing, so its seeds would all give the same run."""
+    return SEEDS[:1] if "--eval_only" in FLAGS[name] else SEEDS
 
 
-def run_row(name, flags, runs_dir, data_dir):
-    """Run (or continue) one row's train.py; a failed run stops the script with train.py's error."""
-    out_dir = runs_dir / name
+def run_name(name, seed):
+    return f"{name}-seed{seed}"
+
+
+def run_flags(name, seed, runs_dir):
+    """The row's train.py flags for one seed, with the runs folder put in."""
+    return f"{FLAGS[name].replace(RUNS, str(runs_dir))} --seed {seed}"
+
+
+def row_command(name):
+    """The command a row prints (its runs add --seed)."""
+    return f"python train.py {FLAGS[name].replace(RUNS, 'runs/study')} --data_dir ../shared/data"
+
+
+def run_one(name, seed, runs_dir, data_dir):
+    """Run (or continue) one seed of a row; a failed run stops the script with train.py's error."""
+    out_dir = runs_dir / run_name(name, seed)
     if (out_dir / "scores.json").is_file():
         return
-    argv = [sys.executable, "train.py", *shlex.split(flags), "--data_dir", str(data_dir), "--out_dir", str(out_dir)]
-    if "--eval_only" not in flags:
-        argv += ["--save_every", "500"]
+    argv = [sys.executable, "train.py", *shlex.split(run_flags(name, seed, runs_dir)),
+            "--data_dir", str(data_dir), "--out_dir", str(out_dir)]
+    if "--eval_only" not in FLAGS[name]:
+        argv += ["--save_every", "200"]
     if (out_dir / "last.pt").is_file():
         argv.append("--resume")
     elif out_dir.exists():  # stopped before its first checkpoint: nothing worth keeping
         shutil.rmtree(out_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    print(f"running {name}: {shlex.join(argv[1:])}", file=sys.stderr, flush=True)
-    with open(runs_dir / f"{name}.log", "a") as log:
+    print(f"running {out_dir.name}: {shlex.join(argv[1:])}", file=sys.stderr, flush=True)
+    with open(runs_dir / f"{out_dir.name}.log", "a") as log:
         code = subprocess.call(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     if code != 0:
-        sys.exit(f"error: {name} failed (exit {code}); see {runs_dir / name}.log")
+        sys.exit(f"error: {out_dir.name} failed (exit {code}); see {runs_dir / out_dir.name}.log")
 
 
-def row_result(name, flags, runs_dir):
-    """(dev scores, overall, epochs, minutes) of a finished row, or None."""
-    if isinstance(flags, tuple):
-        _, epoch, other = flags
-        records = read_metrics(runs_dir / other)
-        if len(records) < epoch:
-            return None
-        record = records[epoch - 1]
-        return record["dev"], record["overall"], epoch, sum(r["seconds"] for r in records[:epoch]) / 60
-    out_dir = runs_dir / name
-    if not (out_dir / "scores.json").is_file():
-        return None
-    summary = json.loads((out_dir / "scores.json").read_text())
-    records = read_metrics(out_dir)
-    seconds = sum(r["seconds"] for r in records) if records else summary["seconds"]
-    return summary["dev"], summary["overall"], len(records), seconds / 60
+def finished_runs(name, runs_dir):
+    """{seed: (dev scores with "overall", minutes)} of the row's finished runs."""
+    results = {}
+    for seed in seeds_of(name):
+        out_dir = runs_dir / run_name(name, seed)
+        if (out_dir / "scores.json").is_file():
+            summary = json.loads((out_dir / "scores.json").read_text())
+            records = read_metrics(out_dir)
+            seconds = sum(r["seconds"] for r in records) if records else summary["seconds"]
+            results[seed] = ({**summary["dev"], "overall": summary["overall"]}, seconds / 60)
+    return results
+
+
+# ----------------------------------------------------------------------------- the page's tables
+
+def mean_and_spread(values):
+    return statistics.mean(values), max(values) - min(values)
+
+
+def cell(values):
+    if not values:
+        return ""
+    mean, spread = mean_and_spread(values)
+    return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ± {spread / 2:.3f}"
 
 
 def markdown_table(runs_dir):
     lines = []
     for title, rows in SECTIONS:
         lines += ["", f"**{title}**", "",
-                  "| run | epochs | SST acc | PARA acc | STS r | overall | wall (min) | command |",
+                  "| run | seeds | SST acc | PARA acc | STS r | overall | wall (min) | command |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for name, label, flags in rows:
-            result = row_result(name, flags, runs_dir)
-            command = (f"epoch {flags[1]} of the `{flags[2]}` row" if isinstance(flags, tuple)
-                       else f"`{row_command(flags)}`")
-            if result is None:
-                lines.append(f"| {label} | | not run yet | | | | | {command} |")
+        for name, label, _ in rows:
+            runs = finished_runs(name, runs_dir)
+            command = f"`{row_command(name)}`"
+            if not runs:
+                lines.append(f"| {label} | 0 of {len(seeds_of(name))} | not run yet | | | | | {command} |")
                 continue
-            dev, overall, epochs, minutes = result
-            cells = [f"{dev[t]:.3f}" if t in dev else "–" for t in TASKS]
-            if "cfimdb" in dev:
-                cells[0] = f"CFIMDB {dev['cfimdb']:.3f}"
-            overall = f"{overall:.3f}" if len(dev) > 1 else "–"  # one task: its own score is the row
-            lines.append(f"| {label} | {epochs or '–'} | {' | '.join(cells)} | {overall} | {minutes:.1f} "
-                         f"| {command} |")
+            scores = [dev for dev, _ in runs.values()]
+            cells = [cell([dev[t] for dev in scores if t in dev]) or "–" for t in TASKS]
+            if "cfimdb" in scores[0]:
+                cells[0] = "CFIMDB " + cell([dev["cfimdb"] for dev in scores])
+            overall = cell([dev["overall"] for dev in scores]) if len(scores[0]) > 2 else "–"  # one task: its score
+            minutes = statistics.mean(m for _, m in runs.values())
+            lines.append(f"| {label} | {len(runs)} of {len(seeds_of(name))} | {' | '.join(cells)} | {overall} "
+                         f"| {minutes:.1f} | {command} |")
     return "\n".join(lines[1:])
 
 
-def read_saved_runs():
-    """The records of results/table-runs.jsonl ([] before it exists)."""
-    return [json.loads(line) for line in RUNS_FILE.read_text().splitlines()] if RUNS_FILE.is_file() else []
+def verdict(a, b, exact=()):
+    """'holds', 'the other way' or 'within seed noise' for scores a against b (see the docstring);
+    None with fewer than two seeds a side, where there is no variance to judge by. A side named in
+    `exact` ("a", "b") is one run that no seed changes (an --eval_only row): no variance."""
+    def error_part(values, side):
+        return 0.0 if side in exact else statistics.variance(values) / len(values)
+    if any(len(values) < (1 if side in exact else 2) for values, side in ((a, "a"), (b, "b"))):
+        return None
+    difference = statistics.mean(a) - statistics.mean(b)
+    error = math.sqrt(error_part(a, "a") + error_part(b, "b"))
+    if difference > 2 * error:
+        return "holds"
+    if difference < -2 * error:
+        return "the other way"
+    return "within seed noise"
+
+
+def claim_lines(runs_dir):
+    lines = ["| claim | A | B | A − B | verdict |", "| --- | --- | --- | --- | --- |"]
+    for claim, (row_a, score_a), (row_b, score_b) in CLAIMS:
+        a = [dev[score_a] for dev, _ in finished_runs(row_a, runs_dir).values()]
+        b = [dev[score_b] for dev, _ in finished_runs(row_b, runs_dir).values()]
+        said = verdict(a, b, exact=[side for side, row in (("a", row_a), ("b", row_b)) if len(seeds_of(row)) == 1])
+        difference = f"{statistics.mean(a) - statistics.mean(b):+.3f}" if a and b else ""
+        lines.append(f"| {claim} | {row_a} {score_a}: {cell(a) or '–'} ({len(a)}) | {row_b} {score_b}: "
+                     f"{cell(b) or '–'} ({len(b)}) | {difference} | {said or 'not enough seeds yet'} |")
+    return "\n".join(lines)
+
+
+def history_table():
+    """The rows of the table before this one, from their records (results/history.jsonl)."""
+    lines, section = [], None
+    for record in read_records(HISTORY):
+        if record["section"] != section:
+            section = record["section"]
+            lines += ["", f"**{section}**", "",
+                      "| run | epochs | SST acc | PARA acc | STS r | overall | wall (min) | recorded at | command |",
+                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        dev, epochs = record["best"]["dev"], record["epochs"]
+        cells = [f"{dev[t]:.3f}" if t in dev else "–" for t in TASKS]
+        if "cfimdb" in dev:
+            cells[0] = f"CFIMDB {dev['cfimdb']:.3f}"
+        overall = f"{record['best']['overall']:.3f}" if len(dev) > 1 else "–"
+        minutes = (sum(r["seconds"] for r in epochs) if epochs else record["best"]["seconds"]) / 60
+        lines.append(f"| {record['run']} | {len(epochs) or '–'} | {' | '.join(cells)} | {overall} | {minutes:.1f} "
+                     f"| {record['commit']} | `{record['command']}` |")
+    return "\n".join(lines[1:])
+
+
+# ----------------------------------------------------------------------------- the records
+
+def read_records(path):
+    """The records of a .jsonl file ([] before it exists)."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def saved_args(out_dir, runs_dir):
+    """A run's args.json, less train.FREE_ON_RESUME's paths and speed flags; teachers named by
+    their run folders' names (the runs folder itself is the machine's, not the run's)."""
+    if not (out_dir / "args.json").is_file():  # an --eval_only run trains nothing and saves no args.json
+        return {}
+    args = {k: v for k, v in json.loads((out_dir / "args.json").read_text()).items() if k not in FREE_ON_RESUME}
+    if args.get("teachers"):
+        args["teachers"] = [Path(t).name for t in args["teachers"]]
+    return args
 
 
 def runs_record(runs_dir, saved_before):
-    """One record per finished row with a run of its own: its command, the flags it ran with
-    (args.json, less train.FREE_ON_RESUME's paths and speed flags), the best model's dev scores and
-    every epoch's record.
-    A row whose run is not in runs_dir keeps its record from `saved_before` (row name -> record):
-    runs/ is not part of the repository, and a fresh clone must not wipe the saved results."""
+    """One record per finished run. A run not in runs_dir keeps its record from `saved_before`
+    ((row, seed) -> record): runs/ is not part of the repository, and a fresh clone must not
+    wipe the saved results."""
     records = []
-    for _, rows in SECTIONS:
-        for name, label, flags in rows:
-            if isinstance(flags, tuple):
-                continue
-            out_dir = runs_dir / name
+    for name in FLAGS:
+        for seed in seeds_of(name):
+            out_dir = runs_dir / run_name(name, seed)
             if not (out_dir / "scores.json").is_file():
-                if name in saved_before:
-                    records.append(saved_before[name])
+                if (name, seed) in saved_before:
+                    records.append(saved_before[name, seed])
                 continue
-            saved = {}  # an --eval_only row trains nothing and saves no args.json
-            if (out_dir / "args.json").is_file():
-                saved = json.loads((out_dir / "args.json").read_text())
-            records.append({"row": name, "run": label, "command": row_command(flags),
-                            "args": {k: v for k, v in saved.items() if k not in FREE_ON_RESUME},
+            records.append({"row": name, "seed": seed, "run": LABELS[name], "command": row_command(name),
+                            "args": saved_args(out_dir, runs_dir),
                             "best": json.loads((out_dir / "scores.json").read_text()),
                             "epochs": read_metrics(out_dir)})
     return records
@@ -242,27 +311,32 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", default="data", help="folder with the CS224N task files")
-    p.add_argument("--runs_dir", default="runs/table", help="where the rows' runs go")
+    p.add_argument("--runs_dir", default="runs/study", help="where the rows' runs go")
     p.add_argument("--only", default=None, help="comma list of row names to run, in this order (default: every row)")
-    p.add_argument("--dry_run", action="store_true", help="run nothing, print the table of finished rows")
+    p.add_argument("--dry_run", action="store_true", help="run nothing, print the tables of the finished runs")
     p.add_argument("--write_runs", action="store_true",
-                   help="also write results/table-runs.jsonl: every finished row's flags and metrics")
+                   help="also write results/study-runs.jsonl: every finished run's flags and metrics")
+    p.add_argument("--history", action="store_true", help="print the rows of earlier defaults (history.jsonl) only")
     args = p.parse_args()
+    if args.history:
+        print(history_table())
+        return
     runs_dir, data_dir = (ROOT / args.runs_dir).resolve(), Path(args.data_dir).resolve()
-    names = list(FLAGS)
-    only = names if args.only is None else args.only.split(",")
-    unknown = sorted(set(only) - set(names))
+    only = list(FLAGS) if args.only is None else args.only.split(",")
+    unknown = sorted(set(only) - set(FLAGS))
     if unknown:
-        p.error(f"unknown row {unknown[0]!r}; rows: {', '.join(names)}")
+        p.error(f"unknown row {unknown[0]!r}; rows: {', '.join(FLAGS)}")
     if not args.dry_run:
-        for name in only:  # in the order given
-            if isinstance(FLAGS[name], str):
-                run_row(name, FLAGS[name], runs_dir, data_dir)
+        for name in only:  # in the order given, each row's seeds in turn
+            for seed in seeds_of(name):
+                run_one(name, seed, runs_dir, data_dir)
     print(markdown_table(runs_dir))
+    print()
+    print(claim_lines(runs_dir))
     if args.write_runs:
-        records = runs_record(runs_dir, {r["row"]: r for r in read_saved_runs()})
-        RUNS_FILE.write_text("".join(json.dumps(r) + "\n" for r in records))
-        print(f"wrote {RUNS_FILE.relative_to(ROOT)} ({len(records)} rows)", file=sys.stderr)
+        records = runs_record(runs_dir, {(r["row"], r["seed"]): r for r in read_records(STUDY_RUNS)})
+        STUDY_RUNS.write_text("".join(json.dumps(r) + "\n" for r in records))
+        print(f"wrote {STUDY_RUNS.relative_to(ROOT)} ({len(records)} runs)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Specification of results/table.py: every row's flags are flags train.py accepts and still run
-what the row's saved run ran (results/table-runs.jsonl), and the table is read from the runs' own
-files (scores.json, metrics.jsonl), rows without a run marked as such."""
+"""Specification of results/table.py: every row is a command train.py accepts, for every seed; the
+saved runs (results/study-runs.jsonl) ran what their row's command runs today; the tables are read
+from the runs' own files (scores.json, metrics.jsonl), as seed means with their spread; each claim
+compares rows and scores that exist, and its verdict follows the rule the docstring gives."""
 import importlib.util
 import json
 import shlex
@@ -14,52 +15,91 @@ spec = importlib.util.spec_from_file_location("table", Path(__file__).resolve().
 table = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(table)
 ROWS = [row for _, rows in table.SECTIONS for row in rows]
-FLAGS = table.FLAGS
 
 
-@pytest.mark.parametrize("name,label,flags", ROWS, ids=[row[0] for row in ROWS])
-def test_every_row_is_a_valid_train_command(name, label, flags):
-    if isinstance(flags, tuple):  # ("epoch", N, other row): that row must exist and run N epochs or more,
-        _, epoch, other = flags   # at a constant rate (with a schedule, epoch N of a longer run is no N-epoch run)
-        other_args = train.parse_args(shlex.split(FLAGS[other]))
-        assert other_args.epochs >= epoch
-        assert other_args.lr_schedule == "constant"
-    else:
-        train.parse_args(shlex.split(flags))
+@pytest.mark.parametrize("name", list(table.FLAGS))
+def test_every_row_is_a_valid_train_command_for_every_seed(name, tmp_path):
+    for seed in table.seeds_of(name):
+        args = train.parse_args(shlex.split(table.run_flags(name, seed, tmp_path)))
+        assert args.seed == seed
+        assert all(Path(t).parent == tmp_path for t in args.teachers)  # teachers: other rows' runs
+    assert "{runs}" not in table.row_command(name) and "--seed" not in table.FLAGS[name]
 
 
-SAVED_RUNS = table.read_saved_runs()
+def test_a_row_in_several_sections_is_one_command():
+    for name, _, flags in ROWS:
+        assert flags == table.FLAGS[name], name
 
 
-def test_every_row_with_a_run_of_its_own_has_a_saved_run():
-    with_runs = [name for name, flags in FLAGS.items() if isinstance(flags, str)]
-    assert sorted(r["row"] for r in SAVED_RUNS) == sorted(with_runs)
+def test_every_teacher_is_a_single_task_row_that_runs_before_its_students():
+    order = list(table.FLAGS)
+    for name in order:
+        teachers = train.parse_args(shlex.split(table.run_flags(name, 1, Path("runs")))).teachers
+        for folder in teachers:
+            row, seed = Path(folder).name.rsplit("-seed", 1)
+            assert int(seed) in table.seeds_of(row)
+            assert len(train.parse_args(shlex.split(table.FLAGS[row])).tasks) == 1
+            assert order.index(row) < order.index(name)
 
 
-@pytest.mark.parametrize("record", SAVED_RUNS, ids=[r["row"] for r in SAVED_RUNS])
+def scores_of(row):
+    """The scores a row's runs have: its tasks, and "overall" (its own task's score if one task)."""
+    return {*train.parse_args(shlex.split(table.run_flags(row, 1, Path("runs")))).tasks, "overall"}
+
+
+@pytest.mark.parametrize("claim", table.CLAIMS, ids=[c[0] for c in table.CLAIMS])
+def test_every_claim_compares_scores_its_rows_have(claim):
+    _, (row_a, score_a), (row_b, score_b) = claim
+    assert score_a in scores_of(row_a) and score_b in scores_of(row_b)
+    assert score_a == score_b or "overall" not in (score_a, score_b)
+
+
+def test_a_verdict_needs_a_difference_of_twice_its_standard_error():
+    a, b = [0.50, 0.51, 0.52], [0.47, 0.48, 0.49]  # difference 0.03, standard error sqrt(2 * 1e-4 / 3) = 0.0082
+    assert table.verdict(a, b) == "holds" and table.verdict(b, a) == "the other way"
+    assert table.verdict([0.50, 0.52, 0.54], [0.49, 0.51, 0.53]) == "within seed noise"  # 0.01 against 0.016
+    assert table.verdict([0.50], b) is None and table.verdict(a, [0.47]) is None
+    assert table.verdict(a, [0.49], exact=("b",)) == "holds"  # 0.02 against sqrt(1e-4 / 3) = 0.0058
+
+
+def write_run(folder, dev, overall, seconds):
+    folder.mkdir(parents=True)
+    record = {"epoch": 1, "dev": dev, "overall": overall, "seconds": seconds}
+    (folder / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    (folder / "scores.json").write_text(json.dumps({"dev": dev, "overall": overall, "seconds": seconds + 30}))
+
+
+def test_the_tables_are_seed_means_of_finished_runs_and_mark_the_others(tmp_path):
+    for seed, sst in ((11711, 0.46), (1, 0.48)):
+        write_run(tmp_path / f"main-seed{seed}", {"sst": sst, "para": 0.84, "sts": 0.88}, sst + 0.3, 600.0)
+    write_run(tmp_path / "sst-alone-seed2", {"sst": 0.50}, 0.50, 120.0)
+    lines = table.markdown_table(tmp_path).splitlines()
+    main_row = next(line for line in lines if line.startswith("| AdamW (the main command) |"))
+    assert "| 2 of 3 | 0.470 ± 0.010 | 0.840 ± 0.000 | 0.880 ± 0.000 | 0.770 ± 0.010 | 10.0 |" in main_row
+    alone_row = next(line for line in lines if line.startswith("| SST, finetune |"))
+    assert "| 1 of 3 | 0.500 | – | – | – | 2.0 |" in alone_row
+    sections_with_main = sum(1 for _, rows in table.SECTIONS for name, _, _ in rows if name == "main")
+    sections_with_sst_alone = sum(1 for _, rows in table.SECTIONS for name, _, _ in rows if name == "sst-alone")
+    assert sum("not run yet" in line for line in lines) == len(ROWS) - sections_with_main - sections_with_sst_alone
+    claims = table.claim_lines(tmp_path).splitlines()
+    trails = next(line for line in claims if line.startswith("| The multi-task model trails the single-task one: SST"))
+    assert "sst-alone sst: 0.500 (1) | main sst: 0.470 ± 0.010 (2) | +0.030 | not enough seeds yet |" in trails
+
+
+SAVED_RUNS = table.read_records(table.STUDY_RUNS)
+
+
+@pytest.mark.parametrize("record", SAVED_RUNS, ids=[f"{r['row']}-seed{r['seed']}" for r in SAVED_RUNS])
 def test_every_saved_run_is_what_its_row_command_runs_today(record):
-    """A default that changes after a row ran must be pinned in that row's flags."""
-    flags = FLAGS[record["row"]]
-    assert record["command"] == table.row_command(flags)
-    today = vars(train.parse_args(shlex.split(flags)))
+    """A default that changes after a run must be pinned in its row's flags."""
+    assert record["command"] == table.row_command(record["row"]) and record["seed"] in table.seeds_of(record["row"])
+    today = vars(train.parse_args(shlex.split(table.run_flags(record["row"], record["seed"], Path("runs/study")))))
+    today["teachers"] = [Path(t).name for t in today["teachers"]]
     assert record["args"] == {k: today.get(k, "not a flag any more") for k in record["args"]}
 
 
-def test_row_names_are_unique():
-    names = [name for name, _, _ in ROWS]
-    assert len(names) == len(set(names))
-
-
-def test_the_table_reads_finished_runs_and_marks_the_others(tmp_path):
-    run = tmp_path / "main-b8"
-    run.mkdir()
-    history = [{"epoch": 1, "dev": {"sst": 0.4, "para": 0.7, "sts": 0.8}, "overall": 0.5, "seconds": 60.0},
-               {"epoch": 2, "dev": {"sst": 0.5, "para": 0.8, "sts": 0.9}, "overall": 0.6, "seconds": 120.0}]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-    (run / "scores.json").write_text(json.dumps({"dev": history[1]["dev"], "overall": 0.6, "seconds": 200.0}))
-    lines = table.markdown_table(tmp_path).splitlines()
-    main_row = next(line for line in lines if line.startswith("| GLS + round-robin, 3 epochs |"))
-    assert "| 2 | 0.500 | 0.800 | 0.900 | 0.600 | 3.0 |" in main_row
-    first_epoch = next(line for line in lines if line.startswith("| GLS + round-robin, 3 epochs: its epoch 1"))
-    assert "| 1 | 0.400 | 0.700 | 0.800 | 0.500 | 1.0 |" in first_epoch
-    assert sum("not run yet" in line for line in lines) == len(ROWS) - 2  # main-b8 and its epoch row
+def test_the_history_keeps_every_earlier_row_with_its_commit():
+    records = table.read_records(table.HISTORY)
+    assert records and all(len(r["commit"]) == 7 and r["best"]["dev"] for r in records)
+    printed = table.history_table()
+    assert all(f"| {r['commit']} | `{r['command']}` |" in printed for r in records)
