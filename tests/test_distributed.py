@@ -1,7 +1,7 @@
 """Specification of train.py under torchrun: two CPU processes (gloo) train one model, their
 weights stay identical bit for bit, and every step's loss and gradient are one process's on the
-same global batch; a NaN on one rank is skipped by both; rank 0 alone prints and writes; a
-two-process run resumes exactly.
+same global batch, a distilled student's too; a NaN on one rank is skipped by both; rank 0 alone
+prints and writes; a two-process run resumes exactly.
 
 One `torchrun --nproc_per_node 2` call runs all the two-process runs (train.main once per run, in
 the same two workers), and one plain process runs the single-process references, both through
@@ -78,17 +78,20 @@ RUNS = {  # name: (flags, NaN on rank 1, also run in one process)
     "nan-on-rank-1": (["--loss", "sum", "--epochs", "1", "--hidden_dropout_prob", "0"], True, False),
     "two-epochs": (["--loss", "sum", "--epochs", "2", "--hidden_dropout_prob", "0.1"], False, False),
     "resumed": (["--loss", "sum", "--epochs", "1", "--hidden_dropout_prob", "0.1"], False, False),
+    # a student of an SST teacher (TEACHER: a one-process run of the fixture's), λ rising over its steps
+    "distilled": (["--loss", "gls", "--teachers", "TEACHER", "--epochs", "1", "--hidden_dropout_prob", "0"], False, True),
 }
 
 
-def worker_runs(data_dir, bert, folder, names, resume=False):
+def worker_runs(data_dir, bert, teacher, folder, names, resume=False):
     runs = []
     for name in names:
         flags, poison, _ = RUNS[name]
+        flags = [str(teacher) if flag == "TEACHER" else flag for flag in flags]
         argv = ["--data_dir", str(data_dir), "--bert", str(bert), "--out_dir", str(folder / name), *COMMON, *flags]
         runs.append({"argv": argv, "poison": poison})
     if resume:  # the "resumed" run again, now for two epochs
-        runs.append({"argv": runs[-1]["argv"] + ["--resume", "--epochs", "2"], "poison": False})
+        runs.append({"argv": runs[list(names).index("resumed")]["argv"] + ["--resume", "--epochs", "2"], "poison": False})
     return runs
 
 
@@ -112,11 +115,13 @@ def runs(tmp_path_factory, data_dir, checkpoint_dir):
     """(folder of the two-process runs, folder of the one-process runs, the two-process stdout)."""
     tmp = tmp_path_factory.mktemp("distributed")
     bert = make_tiny_checkpoint(tmp / "tiny", checkpoint_dir / "vocab.txt", attention_probs_dropout_prob=0.0)
-    two, one = tmp / "two", tmp / "one"
+    two, one, teacher = tmp / "two", tmp / "one", tmp / "teacher"
     two.mkdir(), one.mkdir()
+    train.main(["--data_dir", str(data_dir), "--bert", str(bert), "--out_dir", str(teacher), *COMMON, "--tasks", "sst",
+                "--epochs", "1"])
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    stdout = run_worker(tmp, torchrun, worker_runs(data_dir, bert, two, RUNS, resume=True))
-    run_worker(tmp, [sys.executable], worker_runs(data_dir, bert, one, [n for n in RUNS if RUNS[n][2]]))
+    stdout = run_worker(tmp, torchrun, worker_runs(data_dir, bert, teacher, two, RUNS, resume=True))
+    run_worker(tmp, [sys.executable], worker_runs(data_dir, bert, teacher, one, [n for n in RUNS if RUNS[n][2]]))
     return two, one, stdout, bert
 
 
