@@ -15,7 +15,8 @@ most); it runs once.
 
 Each cell is the mean, over the row's finished seeds, of the dev score of each run's best epoch
 (the checkpoint train.py keeps, by the overall score), ± half the spread (max - min) of those
-scores; wall time is the mean of train.py's own count of training plus each epoch's dev pass.
+scores; wall time is the median over the seeds of train.py's own count of training plus each
+epoch's dev pass (the median: a run paused or resumed part-way miscounts its own time).
 
 Under the tables, one line per claim (CLAIMS): "holds" where row A's mean beats row B's by more
 than twice the standard error of the difference (Welch's, from the seeds' sample variances),
@@ -215,7 +216,7 @@ def markdown_table(runs_dir):
             if "cfimdb" in scores[0]:
                 cells[0] = "CFIMDB " + cell([dev["cfimdb"] for dev in scores])
             overall = cell([dev["overall"] for dev in scores]) if len(scores[0]) > 2 else "–"  # one task: its score
-            minutes = statistics.mean(m for _, m in runs.values())
+            minutes = statistics.median(m for _, m in runs.values())
             lines.append(f"| {label} | {len(runs)} of {len(seeds_of(name))} | {' | '.join(cells)} | {overall} "
                          f"| {minutes:.1f} | {command} |")
     return "\n".join(lines[1:])

@@ -69,13 +69,13 @@ def write_run(folder, dev, overall, seconds):
     (folder / "scores.json").write_text(json.dumps({"dev": dev, "overall": overall, "seconds": seconds + 30}))
 
 
-def test_the_tables_are_seed_means_of_finished_runs_and_mark_the_others(tmp_path):
-    for seed, sst in ((11711, 0.46), (1, 0.48)):
-        write_run(tmp_path / f"main-seed{seed}", {"sst": sst, "para": 0.84, "sts": 0.88}, sst + 0.3, 600.0)
+def test_the_tables_are_seed_means_of_finished_runs_with_median_times_and_mark_the_others(tmp_path):
+    for seed, sst, seconds in ((11711, 0.46, 600.0), (1, 0.48, 660.0), (2, 0.47, 1800.0)):  # seed 2: paused
+        write_run(tmp_path / f"main-seed{seed}", {"sst": sst, "para": 0.84, "sts": 0.88}, sst + 0.3, seconds)
     write_run(tmp_path / "sst-alone-seed2", {"sst": 0.50}, 0.50, 120.0)
     lines = table.markdown_table(tmp_path).splitlines()
     main_row = next(line for line in lines if line.startswith("| AdamW (the main command) |"))
-    assert "| 2 of 3 | 0.470 ± 0.010 | 0.840 ± 0.000 | 0.880 ± 0.000 | 0.770 ± 0.010 | 10.0 |" in main_row
+    assert "| 3 of 3 | 0.470 ± 0.010 | 0.840 ± 0.000 | 0.880 ± 0.000 | 0.770 ± 0.010 | 11.0 |" in main_row
     alone_row = next(line for line in lines if line.startswith("| SST, finetune |"))
     assert "| 1 of 3 | 0.500 | – | – | – | 2.0 |" in alone_row
     sections_with_main = sum(1 for _, rows in table.SECTIONS for name, _, _ in rows if name == "main")
@@ -83,7 +83,7 @@ def test_the_tables_are_seed_means_of_finished_runs_and_mark_the_others(tmp_path
     assert sum("not run yet" in line for line in lines) == len(ROWS) - sections_with_main - sections_with_sst_alone
     claims = table.claim_lines(tmp_path).splitlines()
     trails = next(line for line in claims if line.startswith("| The multi-task model trails the single-task one: SST"))
-    assert "sst-alone sst: 0.500 (1) | main sst: 0.470 ± 0.010 (2) | +0.030 | not enough seeds yet |" in trails
+    assert "sst-alone sst: 0.500 (1) | main sst: 0.470 ± 0.010 (3) | +0.030 | not enough seeds yet |" in trails
 
 
 SAVED_RUNS = table.read_records(table.STUDY_RUNS)
