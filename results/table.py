@@ -188,15 +188,12 @@ def finished_runs(name, runs_dir):
 
 # ----------------------------------------------------------------------------- the page's tables
 
-def mean_and_spread(values):
-    return statistics.mean(values), max(values) - min(values)
-
-
 def cell(values):
+    """The seeds' mean ± half their spread (a lone run: its score)."""
     if not values:
         return ""
-    mean, spread = mean_and_spread(values)
-    return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ± {spread / 2:.3f}"
+    mean, half_spread = statistics.mean(values), (max(values) - min(values)) / 2
+    return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ± {half_spread:.3f}"
 
 
 def markdown_table(runs_dir):
