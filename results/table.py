@@ -83,7 +83,7 @@ SECTIONS = [
     ("SMART with its Bregman proximal update, SST alone", [
         ("sst-alone", "without SMART", "--tasks sst"),
         ("sst-smart", "epsilon 1e-5 (the paper's)", "--tasks sst --smart"),
-        ("sst-smart-eps1e-3", "epsilon 1e-3 (an adversarial term measurably above 0)",
+        ("sst-smart-eps1e-3", "epsilon 1e-3 (R_s about 100 times that at 1e-5, smart.py)",
          "--tasks sst --smart --smart_eps 1e-3"),
     ]),
     ("Distillation: the main command as the student of the single-task rows (their seed 11711)", [
