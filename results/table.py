@@ -1,8 +1,9 @@
 """The study's comparisons at today's defaults, three seeds a row (results/README.md), in one command.
 
-    python results/table.py --data_dir ../shared/data              # run every unfinished run, print the page's tables
-    python results/table.py --dry_run                              # print them from the finished runs only
-    python results/table.py --dry_run --write_runs                 # and save every run's flags and metrics (below)
+    python results/table.py --data_dir ../shared/data                # run every unfinished run, print the page's tables
+    python results/table.py --data_dir ../shared/data --seeds 11711  # only the default seed's runs
+    python results/table.py --dry_run                                # print the tables from the finished runs only
+    python results/table.py --dry_run --write_runs                   # and save every run's flags and metrics (below)
 
 Every row is one train.py command, run once for each seed in SEEDS (`--seed` added), in
 runs/study/<row>-seed<seed>, its log beside it as <row>-seed<seed>.log. A run that has written
@@ -311,6 +312,7 @@ def main():
     p.add_argument("--data_dir", default="data", help="folder with the CS224N task files")
     p.add_argument("--runs_dir", default="runs/study", help="where the rows' runs go")
     p.add_argument("--only", default=None, help="comma list of row names to run, in this order (default: every row)")
+    p.add_argument("--seeds", default=None, help=f"comma list of the seeds to run (default: all of {SEEDS})")
     p.add_argument("--dry_run", action="store_true", help="run nothing, print the tables of the finished runs")
     p.add_argument("--write_runs", action="store_true",
                    help="also write results/study-runs.jsonl: every finished run's flags and metrics")
@@ -324,9 +326,12 @@ def main():
     unknown = sorted(set(only) - set(FLAGS))
     if unknown:
         p.error(f"unknown row {unknown[0]!r}; rows: {', '.join(FLAGS)}")
+    seeds = [str(seed) for seed in SEEDS] if args.seeds is None else args.seeds.split(",")
+    if not set(seeds) <= {str(seed) for seed in SEEDS}:
+        p.error(f"--seeds: choose from {', '.join(map(str, SEEDS))}")
     if not args.dry_run:
         for name in only:  # in the order given, each row's seeds in turn
-            for seed in seeds_of(name):
+            for seed in [seed for seed in seeds_of(name) if str(seed) in seeds]:
                 run_one(name, seed, runs_dir, data_dir)
     print(markdown_table(runs_dir))
     print()
