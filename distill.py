@@ -26,6 +26,12 @@ the targets it began with and every sampler, --limit and torchrun rank looks the
 
 A teacher is a finished train.py run folder (scores.json, args.json, best.pt), trained on the
 student's checkpoint and on the same training files: scores.json records a fingerprint of both.
+
+Out of fold. A teacher that has fitted its training set predicts it almost as the gold labels
+(in-sample), which leaves the student little to learn beyond them. Teachers run with --fold k/n
+train without fold k (tasks.fold_of: by example id) and teach only that fold, where their
+predictions are out of sample; n of them, k = 0 .. n-1, cover every training example once.
+Teachers of one task are averaged where they teach, and every example must have one.
 """
 import hashlib
 import json
@@ -83,12 +89,15 @@ def read_teacher(folder, student_tasks, student_fingerprint):
 
 
 @torch.no_grad()
-def soft_targets(model, data, batch_size, device, autocast):
+def soft_targets(model, data, batch_size, device, autocast, fold=None):
     """The teacher's target for every example of `data`, in its order: class probabilities,
-    a paraphrase probability, or an STS score (see the module docstring)."""
+    a paraphrase probability, or an STS score (see the module docstring). With `fold` (k, n),
+    for the examples of fold k alone: the other rows are NaN, "no target from this teacher"."""
     model.eval()
-    targets = [None] * len(data)
-    for indices in data.ordered_batches(batch_size):
+    classes = (model.heads[data.task].out_features,) if data.task in ("sst", "cfimdb") else ()
+    targets = torch.full((len(data), *classes), torch.nan)
+    taught = None if fold is None else [i for i, e in enumerate(data.examples) if tasks.fold_of(e.id, fold[1]) == fold[0]]
+    for indices in data.ordered_batches(batch_size, taught):
         batch = tasks.move_batch(data.batch(indices), device)
         with autocast():
             outputs = model(data.task, batch["inputs"]).float()
@@ -98,14 +107,19 @@ def soft_targets(model, data, batch_size, device, autocast):
             outputs = outputs.sigmoid()
         else:
             outputs = outputs.softmax(dim=-1)
-        for i, target in zip(indices, outputs.cpu()):
-            targets[i] = target
-    return torch.stack(targets)
+        targets[indices] = outputs.cpu()
+    return targets
 
 
-def ensemble(per_teacher):
-    """Liu et al.'s ensemble: the mean of the teachers' targets (probabilities, or STS scores)."""
-    return torch.stack(per_teacher).mean(0)
+def ensemble(per_teacher, data):
+    """Liu et al.'s ensemble: the mean of the teachers' targets (probabilities, or STS scores),
+    each example's over the teachers that teach it; TeacherError if none does."""
+    mean = torch.stack(per_teacher).nanmean(0)
+    untaught = [e.id for e, row in zip(data.examples, mean) if row.isnan().any()]
+    if untaught:
+        raise TeacherError(f"--teachers give no {data.task} target for example {untaught[0]!r} (and "
+                           f"{len(untaught) - 1} more): give a --fold teacher for every fold")
+    return mean
 
 
 def targets_by_id(targets, data):

@@ -31,6 +31,7 @@ Why these heads:
 The study's overall dev score is mean(SST acc, PARA acc, (STS r + 1) / 2), over the tasks run.
 """
 import csv
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +147,13 @@ def parse_rows(path, reader, task, split):
     return examples, skipped
 
 
+def fold_of(example_id, n_folds):
+    """The fold, 0 to n_folds - 1, an example falls in: from its id alone (a hash), so the same
+    whatever the file's order, --limit or the seed. A teacher trained without fold k (train.py
+    --fold k/n) and its student agree on which examples it never saw."""
+    return int(hashlib.sha256(example_id.encode()).hexdigest(), 16) % n_folds
+
+
 # ----------------------------------------------------------------------------- token ids and batches
 
 class TaskData:
@@ -195,9 +203,10 @@ class TaskData:
             labels = torch.tensor([self.labels[i] for i in indices], dtype=dtype)
         return {"inputs": inputs, "labels": labels}
 
-    def ordered_batches(self, batch_size):
-        """Index batches for evaluation: sorted by length (little padding), order restored later."""
-        order = sorted(range(len(self)), key=self.lengths.__getitem__)
+    def ordered_batches(self, batch_size, indices=None):
+        """Index batches for evaluation, of every example or of `indices`: sorted by length (little
+        padding), order restored later."""
+        order = sorted(range(len(self)) if indices is None else indices, key=self.lengths.__getitem__)
         return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 

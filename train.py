@@ -389,6 +389,9 @@ def check_checkpoint_fits(args, tokenizer, checkpoint_dir):
 
 def load_split(args, tokenizer, task, split, limit):
     examples = tasks.read_examples(args.data_dir, task, split, report=log)
+    if split == "train" and args.fold:  # a teacher to be, trained without the fold it will teach
+        k, n = parse_fold(args.fold)
+        examples = [e for e in examples if tasks.fold_of(e.id, n) != k]
     if limit is not None and limit < len(examples) and split == "train":
         # a seeded sample, not the first rows: the SST file, for one, lists positive reviews first
         keep = sorted(random.Random(args.seed).sample(range(len(examples)), limit))
@@ -430,11 +433,12 @@ def teacher_targets(args, checkpoint_dir, train_data, device):
         teacher = tasks.MultitaskBert(encoder, teacher_args["tasks"], 0.0, teacher_args["pooling"]).to(device)
         teacher.load_state_dict(load_model_state(Path(folder) / "best.pt", teacher))
         log(f"teacher {folder}: predicting {', '.join(teacher_args['tasks'])} on the training examples")
+        fold = parse_fold(teacher_args.get("fold"))  # a --fold teacher teaches its fold alone
         for task in teacher_args["tasks"]:
             per_task.setdefault(task, []).append(
                 distill.soft_targets(teacher, train_data[task], args.eval_batch_size, device,
-                                    lambda: autocast(args, device)))
-    return {task: distill.ensemble(targets) for task, targets in per_task.items()}
+                                    lambda: autocast(args, device), fold))
+    return {task: distill.ensemble(targets, train_data[task]) for task, targets in per_task.items()}
 
 
 def build_optimizer(args, model):
@@ -656,6 +660,8 @@ def build_parser():
                    help="linear: the gold share of each target rises from 0 to 1 over the run (teacher annealing); "
                    "none: it stays 1 - --distill_weight")
     g.add_argument("--distill_weight", type=number, default=0.5, help="the teachers' share with --distill_anneal none")
+    g.add_argument("--fold", default=None, metavar="K/N", help="train without fold K of N of each training file "
+                   "(folds by example id), to teach that fold out of sample as a teacher (0 <= K < N)")
     g.add_argument("--distill_loss", choices=["kl", "ce"], default="kl",
                    help="classification tasks against the mixed target: KL divergence, or cross-entropy (KL + the "
                    "target's entropy)")
@@ -730,6 +736,16 @@ def check_flags(p, args):
         p.error("--eval_only and --resume exclude each other")
     if not 0 <= args.distill_weight <= 1:
         p.error("--distill_weight must lie in [0, 1]")
+    if args.fold is not None and parse_fold(args.fold) is None:
+        p.error(f"--fold {args.fold}: expected K/N with whole numbers 0 <= K < N and N >= 2, e.g. 0/5")
+
+
+def parse_fold(text):
+    """(k, n) of a --fold "k/n"; None for no fold, or a malformed one."""
+    k, _, n = (text or "").partition("/")
+    if not (k.isdigit() and n.isdigit() and 0 <= int(k) < int(n) and int(n) >= 2):
+        return None
+    return int(k), int(n)
 
 
 def default_out_dir(args):
@@ -744,6 +760,8 @@ def default_out_dir(args):
                              ("clip", args.clip_grad, 0.0), ("seed", args.seed, 11711)):
         if value != off:
             name += f"-{flag}{value:g}" if isinstance(value, float) else f"-{flag}{value}"
+    if args.fold:
+        name += "-fold{}of{}".format(*parse_fold(args.fold))
     return Path("runs") / (name + ("-smart" if args.smart else "") + ("-distill" if args.teachers else ""))
 
 

@@ -51,6 +51,10 @@ RUNS = "{runs}"  # stands for the runs folder in a row's flags: a student's teac
 MAIN = "--option finetune --loss gls --sampler roundrobin"
 TEACHERS = ",".join(f"{RUNS}/{task}-alone-seed{SEEDS[0]}" for task in ("sst", "para", "sts"))
 ENSEMBLE = ",".join(f"{RUNS}/{task}-alone-seed{seed}" for task in ("sst", "para", "sts") for seed in SEEDS)
+FOLDS = 5  # out-of-fold teachers: each task alone, once without each fold (distill.py)
+FOLD_ROWS = [(f"{task}-fold{k}of{FOLDS}", f"{task.upper()} alone, without fold {k} of {FOLDS}",
+              f"--tasks {task} --fold {k}/{FOLDS}") for task in ("sst", "para", "sts") for k in range(FOLDS)]
+OUT_OF_FOLD = ",".join(f"{RUNS}/{name}-seed{SEEDS[0]}" for name, _, _ in FOLD_ROWS)
 
 # (section title, [(row name, what the row is, train.py flags)])
 SECTIONS = [
@@ -87,6 +91,8 @@ SECTIONS = [
         ("sst-smart-eps1e-3", "epsilon 1e-3 (R_s about 100 times that at 1e-5, smart.py)",
          "--tasks sst --smart --smart_eps 1e-3"),
     ]),
+    (f"Out-of-fold teachers: each task alone without one fold of {FOLDS} (seed 11711 only, as every teacher here)",
+     FOLD_ROWS),
     ("Distillation: the main command as the student of the single-task rows (their seed 11711)", [
         ("main", "no teachers (the main command)", MAIN),
         ("student-anneal", "teacher annealing (Clark et al., 2019)", f"{MAIN} --teachers {TEACHERS}"),
@@ -95,6 +101,8 @@ SECTIONS = [
          "(Liu et al., 2019)", f"{MAIN} --teachers {ENSEMBLE} --distill_anneal none"),
         ("student-anneal-ce", "teacher annealing, cross-entropy in place of KL",
          f"{MAIN} --teachers {TEACHERS} --distill_loss ce"),
+        ("student-anneal-oof", "teacher annealing, each example taught by the fold teacher that never saw it",
+         f"{MAIN} --teachers {OUT_OF_FOLD}"),
     ]),
 ]
 FLAGS = {name: flags for _, rows in SECTIONS for name, _, flags in rows}  # row name -> its flags
@@ -126,6 +134,8 @@ CLAIMS = [
     ("Annealing beats a fixed half mix", ("student-anneal", "overall"), ("student-mix", "overall")),
     ("An ensemble of teachers beats one (fixed mix)", ("student-ensemble-mix", "overall"), ("student-mix", "overall")),
     ("KL beats cross-entropy under GLS (annealed)", ("student-anneal", "overall"), ("student-anneal-ce", "overall")),
+    ("Out-of-fold teachers beat in-sample ones (annealed)", ("student-anneal-oof", "overall"),
+     ("student-anneal", "overall")),
 ]
 TASKS = ("sst", "para", "sts")
 STUDY_RUNS = ROOT / "results" / "study-runs.jsonl"
@@ -135,8 +145,9 @@ HISTORY = ROOT / "results" / "history.jsonl"
 # ----------------------------------------------------------------------------- the runs
 
 def seeds_of(name):
-    """An --eval_only row trains nothing, so its seeds would all give the same run."""
-    return SEEDS[:1] if "--eval_only" in FLAGS[name] else SEEDS
+    """An --eval_only row trains nothing, so its seeds would all give the same run; a fold
+    teacher runs once, with the seed of the other teachers."""
+    return SEEDS[:1] if "--eval_only" in FLAGS[name] or "--fold" in FLAGS[name] else SEEDS
 
 
 def run_name(name, seed):

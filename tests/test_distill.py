@@ -11,7 +11,9 @@ import re
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -85,9 +87,15 @@ def test_para_is_binary_kl_and_sts_the_squared_error_to_the_mixed_score():
         ((5 * cosine.double() - teacher.double()) ** 2).mean().item(), rel=1e-6)
 
 
-def test_an_ensemble_target_is_the_mean_of_its_teachers():
+def test_an_ensemble_target_is_the_mean_of_the_teachers_that_teach_each_example():
     a, b = torch.rand(4, 5).softmax(-1), torch.rand(4, 5).softmax(-1)
-    torch.testing.assert_close(distill.ensemble([a, b]), (a + b) / 2, rtol=0, atol=0)
+    data = SimpleNamespace(task="sst", examples=[SimpleNamespace(id=f"e{i}") for i in range(4)])
+    torch.testing.assert_close(distill.ensemble([a, b], data), (a + b) / 2, rtol=0, atol=0)
+    a[:2], b[2:] = torch.nan, torch.nan  # two --fold teachers, each teaching two examples
+    assert torch.equal(distill.ensemble([a, b], data), torch.cat([b[:2], a[2:]]))
+    a[3] = torch.nan  # now e3 has no teacher
+    with pytest.raises(distill.TeacherError, match=r"give no sst target for example 'e3' \(and 0 more\)"):
+        distill.ensemble([a, b], data)
 
 
 # ----------------------------------------------------------------------------- teachers and students
@@ -107,10 +115,12 @@ def flags(data_dir, tiny, out_dir, *more):
 
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory, data_dir, tiny):
-    """Finished single-task runs: two SST teachers (seeds 1, 2) and one STS teacher."""
+    """Finished single-task runs: two SST teachers (seeds 1, 2), one STS teacher, and two SST
+    teachers each trained without one of two folds."""
     folder = tmp_path_factory.mktemp("teachers")
     for name, more in {"sst-1": ["--tasks", "sst", "--seed", "1"], "sst-2": ["--tasks", "sst", "--seed", "2"],
-                       "sts": ["--tasks", "sts", "--seed", "1"]}.items():
+                       "sts": ["--tasks", "sts", "--seed", "1"], "sst-fold0": ["--tasks", "sst", "--fold", "0/2"],
+                       "sst-fold1": ["--tasks", "sst", "--fold", "1/2"]}.items():
         train.main(flags(data_dir, tiny, folder / name, "--epochs", "1", *more))
     return folder
 
@@ -140,7 +150,7 @@ def test_every_batch_meets_its_own_examples_teacher_targets(tmp_path, data_dir, 
     tokenizer = train.load_tokenizer(Path(tiny))
     for task, names in (("sst", ["sst-1", "sst-2"]), ("sts", ["sts"])):
         data = train.load_split(args, tokenizer, task, "train", 30)
-        expected = distill.ensemble([teacher_predictions(data_dir, tiny, teachers / n, data) for n in names])
+        expected = distill.ensemble([teacher_predictions(data_dir, tiny, teachers / n, data) for n in names], data)
         by_ids = {tuple(data.encodings[0][i][0]): expected[i] for i in range(len(data))}
         checked = 0
         for step, _ in seen:
@@ -180,6 +190,46 @@ def test_lambda_and_the_targets_survive_a_stop_and_resume_bit_for_bit(tmp_path, 
     assert (whole / "teachers.pt").read_bytes() == (stopped / "teachers.pt").read_bytes()
 
 
+def test_folds_split_the_examples_by_id_into_parts_of_about_equal_size(data_dir):
+    ids = [e.id for e in tasks.read_examples(data_dir, "sst", "train", report=lambda _: None)]
+    counts = Counter(tasks.fold_of(i, 5) for i in ids)
+    assert sorted(counts) == [0, 1, 2, 3, 4]
+    assert all(abs(count - len(ids) / 5) < 5 * (len(ids) * 0.2 * 0.8) ** 0.5 for count in counts.values())
+
+
+@pytest.mark.parametrize("limit", [None, 30])
+def test_a_fold_run_trains_on_the_examples_outside_its_fold_alone(data_dir, tiny, limit):
+    args = train.parse_args(flags(data_dir, tiny, "unused", "--tasks", "sst", "--fold", "1/3"))
+    kept = [e.id for e in train.load_split(args, train.load_tokenizer(Path(tiny)), "sst", "train", limit).examples]
+    outside = [e.id for e in tasks.read_examples(data_dir, "sst", "train", report=lambda _: None)
+               if tasks.fold_of(e.id, 3) != 1]
+    assert kept == outside if limit is None else (len(kept) == limit and set(kept) <= set(outside))
+
+
+@pytest.mark.parametrize("fold", ["2/2", "0/1", "a/3", "1"])
+def test_a_malformed_fold_is_a_usage_error(fold, capsys):
+    with pytest.raises(SystemExit) as exit:
+        train.parse_args(["--fold", fold])
+    assert exit.value.code == 2 and f"--fold {fold}: expected K/N" in capsys.readouterr().err
+
+
+def test_fold_teachers_teach_each_example_what_the_one_that_never_saw_it_predicts(tmp_path, data_dir, tiny, teachers):
+    out_dir = tmp_path / "student"
+    train.main(flags(data_dir, tiny, out_dir, "--tasks", "sst", "--epochs", "1",
+                     "--teachers", f"{teachers / 'sst-fold0'},{teachers / 'sst-fold1'}"))
+    saved = torch.load(out_dir / "teachers.pt", weights_only=True)["sst"]
+    args = train.parse_args(flags(data_dir, tiny, out_dir, "--tasks", "sst"))
+    data = train.load_split(args, train.load_tokenizer(Path(tiny)), "sst", "train", 40)
+    taught = Counter()
+    for k in (0, 1):
+        predicted = teacher_predictions(data_dir, tiny, teachers / f"sst-fold{k}", data)  # on every example
+        for i, example in enumerate(data.examples):
+            if tasks.fold_of(example.id, 2) == k:
+                torch.testing.assert_close(saved[example.id], predicted[i], rtol=1e-6, atol=1e-7)
+                taught[k] += 1
+    assert sum(taught.values()) == len(saved) == 40 and min(taught.values()) > 5
+
+
 # ----------------------------------------------------------------------------- teachers that do not fit
 
 def replace_file(folder, name, text):
@@ -209,11 +259,13 @@ def bad_teachers(tmp_path, teachers, data_dir):
                                               r"teaches sst, which the student does not train"),
         "a changed training file": (["--teachers", str(changed)], r"the sst training file has changed since"),
         "not a folder": (["--teachers", str(tmp_path / "nowhere")], r"nowhere: not a finished train\.py run"),
+        "a fold without its twin": (["--teachers", str(teachers / "sst-fold0")],
+                                    r"give no sst target for example '.*' \(and \d+ more\): give a --fold teacher"),
     }
 
 
 @pytest.mark.parametrize("case", ["not a finished run", "another checkpoint", "a task the student does not train",
-                                  "a changed training file", "not a folder"])
+                                  "a changed training file", "not a folder", "a fold without its twin"])
 def test_a_teacher_that_does_not_fit_is_one_line_exit_2_and_nothing_written(tmp_path, data_dir, tiny, bad_teachers,
                                                                              case):
     more, message = bad_teachers[case]
