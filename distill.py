@@ -27,8 +27,12 @@ the targets it began with and every sampler, --limit and torchrun rank looks the
 A teacher is a finished train.py run folder (scores.json, args.json, best.pt), trained on the
 student's checkpoint and on the same training files: scores.json records a fingerprint of both.
 
-Out of fold. A teacher that has fitted its training set predicts it almost as the gold labels
-(in-sample), which leaves the student little to learn beyond them. Teachers run with --fold k/n
+Out of fold. A teacher predicts its own training set in-sample: after fitting it, close to the
+gold labels, which leaves the student little to learn beyond them. How close depends on the task;
+the default single-task teachers (best epochs of `train.py --tasks X`, seed 11711) agree with the
+gold label on 74% of SST's training sentences (mean top probability 0.64: not near one-hot), on
+96% of PARA's pairs (mean confidence 0.93), and STS's scores follow the gold ones at r = 0.977.
+Teachers run with --fold k/n
 train without fold k (tasks.fold_of: by example id) and teach only that fold, where their
 predictions are out of sample; n of them, k = 0 .. n-1, cover every training example once.
 Teachers of one task are averaged where they teach, and every example must have one.
