@@ -59,6 +59,7 @@ def plot_epochs(records, path):
                     label=f"{row} ({len(curves)} seed{'s' * (len(curves) > 1)})")
             ax.set_title(title)
             ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes[0].set_ylabel("dev score")
     axes[-1].legend(fontsize=8, loc="lower right")
     figure.savefig(path, dpi=110)
