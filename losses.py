@@ -43,14 +43,15 @@ teacher's prediction. Its cross-entropy -sum_c q_c log p_c never falls below the
 the target, reached when p = q; the KL divergence KL(q || p) = cross-entropy - H(q) has the same
 gradient in the logits, p - q, but falls to 0 as the plain loss does. Under the sum that constant
 changes nothing; under GLS it does, since GLS weighs task i by GLS / (n L_i): a task whose loss
-cannot fall below H(q) keeps a smaller weight than the same task measured by its KL, by the
-factor KL / (KL + H(q)). How large H(q) is: the default single-task teachers' own targets (λ = 0)
-have a mean entropy of 0.87 nats on SST and 0.19 on PARA (H of the mix shrinks as λ rises). At
-the first steps, with a near-uniform student p, SST's KL(q || p) ≈ log 5 - H(q) = 0.74 against a
-cross-entropy of log 5 = 1.61: cross-entropy gives SST under half the weight KL does, and less as
-the student learns (the KL falls, H(q) stays until λ rises). train.py uses the KL by default
-(--distill_loss kl); the study's table has a row for cross-entropy (student-anneal-ce), whose
-seeds decide which trains better.
+cannot fall below H(q) keeps a smaller weight, next to the other tasks, than the same task measured
+by its KL: by the factor KL / (KL + H(q)) next to STS, whose squared error has no floor (GLS itself
+and Adam take any common factor away). How large H(q) is: the default single-task teachers' own
+targets (λ = 0) have a mean entropy of 0.87 nats on SST and 0.19 on PARA (H of the mix shrinks as λ
+rises). At the first steps, with a near-uniform student p, SST's KL(q || p) ≈ log 5 - H(q) = 0.74
+against a cross-entropy of log 5 = 1.61: cross-entropy gives SST under half the weight next to STS
+that KL does, and less as the student learns (the KL falls, H(q) stays until λ rises). train.py
+uses the KL by default (--distill_loss kl); the study's table has a row for cross-entropy (student-
+anneal-ce), whose seeds decide which trains better.
 
 The floor. Both geometric strategies are computed in log space, exp(mean_i log L_i), since a
 product of many small losses underflows, and each L_i is first clamped below at LOSS_FLOOR = 1e-8:
