@@ -50,8 +50,8 @@ targets (λ = 0) have a mean entropy of 0.87 nats on SST and 0.19 on PARA (H of 
 rises). At the first steps, with a near-uniform student p, SST's KL(q || p) ≈ log 5 - H(q) = 0.74
 against a cross-entropy of log 5 = 1.61: cross-entropy gives SST under half the weight next to STS
 that KL does, and less as the student learns (the KL falls, H(q) stays until λ rises). train.py
-uses the KL by default (--distill_loss kl); the study's table has a row for cross-entropy (student-
-anneal-ce), whose seeds decide which trains better.
+uses the KL by default (--distill_loss kl); the study's table has a row for cross-entropy
+(student-anneal-ce), whose seeds decide which trains better.
 
 The floor. Both geometric strategies are computed in log space, exp(mean_i log L_i), since a
 product of many small losses underflows, and each L_i is first clamped below at LOSS_FLOOR = 1e-8:
