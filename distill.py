@@ -32,10 +32,10 @@ gold labels, which leaves the student little to learn beyond them. How close dep
 the default single-task teachers (best epochs of `train.py --tasks X`, seed 11711) agree with the
 gold label on 74% of SST's training sentences (mean top probability 0.64: not near one-hot), on
 96% of PARA's pairs (mean confidence 0.93), and STS's scores follow the gold ones at r = 0.977.
-Teachers run with --fold k/n
-train without fold k (tasks.fold_of: by example id) and teach only that fold, where their
-predictions are out of sample; n of them, k = 0 .. n-1, cover every training example once.
-Teachers of one task are averaged where they teach, and every example must have one.
+Teachers run with --fold k/n train without fold k (tasks.fold_of: by example id) and teach only
+that fold, where their predictions are out of sample; n of them, k = 0 .. n-1, cover every
+training example once. Teachers of one task are averaged where they teach, and every example
+must have one.
 """
 import hashlib
 import json

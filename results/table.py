@@ -208,6 +208,15 @@ def cell(values):
     return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ± {half_spread:.3f}"
 
 
+def score_cells(scores):
+    """The SST, PARA, STS and overall cells of a row from its runs' scores (dicts of each task's
+    score and "overall"); a single-task row leaves overall empty, its task's cell being the row."""
+    cells = [cell([dev[t] for dev in scores if t in dev]) or "–" for t in TASKS]
+    if "cfimdb" in scores[0]:
+        cells[0] = "CFIMDB " + cell([dev["cfimdb"] for dev in scores])
+    return cells + [cell([dev["overall"] for dev in scores]) if len(scores[0]) > 2 else "–"]
+
+
 def markdown_table(runs_dir):
     lines = []
     for title, rows in SECTIONS:
@@ -220,13 +229,9 @@ def markdown_table(runs_dir):
             if not runs:
                 lines.append(f"| {label} | 0 of {len(seeds_of(name))} | not run yet | | | | | {command} |")
                 continue
-            scores = [dev for dev, _ in runs.values()]
-            cells = [cell([dev[t] for dev in scores if t in dev]) or "–" for t in TASKS]
-            if "cfimdb" in scores[0]:
-                cells[0] = "CFIMDB " + cell([dev["cfimdb"] for dev in scores])
-            overall = cell([dev["overall"] for dev in scores]) if len(scores[0]) > 2 else "–"  # one task: its score
+            cells = score_cells([dev for dev, _ in runs.values()])
             minutes = statistics.median(m for _, m in runs.values())
-            lines.append(f"| {label} | {len(runs)} of {len(seeds_of(name))} | {' | '.join(cells)} | {overall} "
+            lines.append(f"| {label} | {len(runs)} of {len(seeds_of(name))} | {' | '.join(cells)} "
                          f"| {minutes:.1f} | {command} |")
     return "\n".join(lines[1:])
 
@@ -269,13 +274,10 @@ def history_table():
             lines += ["", f"**{section}**", "",
                       "| run | epochs | SST acc | PARA acc | STS r | overall | wall (min) | recorded at | command |",
                       "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        dev, epochs = record["best"]["dev"], record["epochs"]
-        cells = [f"{dev[t]:.3f}" if t in dev else "–" for t in TASKS]
-        if "cfimdb" in dev:
-            cells[0] = f"CFIMDB {dev['cfimdb']:.3f}"
-        overall = f"{record['best']['overall']:.3f}" if len(dev) > 1 else "–"
+        epochs = record["epochs"]
+        cells = score_cells([{**record["best"]["dev"], "overall": record["best"]["overall"]}])
         minutes = (sum(r["seconds"] for r in epochs) if epochs else record["best"]["seconds"]) / 60
-        lines.append(f"| {record['run']} | {len(epochs) or '–'} | {' | '.join(cells)} | {overall} | {minutes:.1f} "
+        lines.append(f"| {record['run']} | {len(epochs) or '–'} | {' | '.join(cells)} | {minutes:.1f} "
                      f"| {record['commit']} | `{record['command']}` |")
     return "\n".join(lines[1:])
 
@@ -287,7 +289,7 @@ def read_records(path):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def saved_args(out_dir, runs_dir):
+def saved_args(out_dir):
     """A run's args.json, less train.FREE_ON_RESUME's paths and speed flags; teachers named by
     their run folders' names (the runs folder itself is the machine's, not the run's)."""
     if not (out_dir / "args.json").is_file():  # an --eval_only run trains nothing and saves no args.json
@@ -311,7 +313,7 @@ def runs_record(runs_dir, saved_before):
                     records.append(saved_before[name, seed])
                 continue
             records.append({"row": name, "seed": seed, "run": LABELS[name], "command": row_command(name),
-                            "args": saved_args(out_dir, runs_dir),
+                            "args": saved_args(out_dir),
                             "best": json.loads((out_dir / "scores.json").read_text()),
                             "epochs": read_metrics(out_dir)})
     return records
