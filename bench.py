@@ -14,7 +14,8 @@ Each table's first row is its reference; x = a row's time / the reference's, sam
   optimizer  torch.optim.AdamW(fused=True) vs optim.AdamW (eager, and fused=True: torch.compile of the
              same per-tensor update): one step on MiniLM's 22.7M parameters, random gradients.
   data       an SST training step fed by a naive collate_fn (tokenise each batch, pad it to 128) vs
-             train.py's data path (ids cached once, padded to the longest), same examples and model.
+             train.py's data path (ids padded once and held on the device; a batch is rows of them, cut to
+             their longest), same examples and model.
              Ours tokenises the training set once up front: the tokenizer table's cold-cache time.
   smart      that step without vs with smart.SmartRegulariser (paper defaults, K = 1).
   step       train.py's own training step (training_step: forward, backward, update) on SST batches, in
@@ -201,10 +202,11 @@ def peak_memory_in_a_fresh_process(args, section, title, name):
 # ----------------------------------------------------------------------------- real batches
 
 @functools.cache
-def task_data(data_dir, task, limit=None):
-    """The first `limit` training examples of a task, tokenised once as train.py does."""
+def task_data(data_dir, task, limit=None, device=torch.device("cpu")):
+    """The first `limit` training examples of a task, tokenised once and held on `device`, as
+    train.py does."""
     examples = tasks.read_examples(data_dir, task, "train", report=lambda _: None)[:limit]
-    return tasks.TaskData(task, examples, BertTokenizer.from_pretrained(default_checkpoint_path()), 128)
+    return tasks.TaskData(task, examples, BertTokenizer.from_pretrained(default_checkpoint_path()), 128, device=device)
 
 
 def bucketed_indices(data, batch_size, n_batches, seed=0):
@@ -219,11 +221,12 @@ def encoder_batches(datas, batch_size, n_batches):
     return [batch for turn in zip(*per_task) for batch in turn][:n_batches]
 
 
-def naive_collate(examples, tokenizer, length=128):
-    """A first DataLoader collate_fn: tokenise the batch's texts now, pad every batch to `length`."""
+def naive_collate(examples, tokenizer, length=128, device=torch.device("cpu")):
+    """A first DataLoader collate_fn: tokenise the batch's texts now, pad every batch to `length`,
+    copy it to the device."""
     inputs = tokenizer([e.text for e in examples], max_length=length)
-    inputs = {k: F.pad(v, (0, length - v.shape[1]), value=0) for k, v in inputs.items()}  # pad id, type, mask: 0
-    return {"inputs": [inputs], "labels": torch.tensor([e.label for e in examples])}
+    inputs = {k: F.pad(v, (0, length - v.shape[1]), value=0).to(device) for k, v in inputs.items()}  # pad: 0
+    return {"inputs": [inputs], "labels": torch.tensor([e.label for e in examples], device=device)}
 
 
 # ----------------------------------------------------------------------------- the tables
@@ -303,7 +306,6 @@ def sst_model_and_optimizer(args):
 
 def sst_step(model, optimizer, batch, regulariser=None):
     """train.py's step on one SST batch: cross-entropy (+ SMART's term), backward, step (+ teacher)."""
-    batch = tasks.move_batch(batch, next(model.parameters()).device)  # as train.py does, every step
     optimizer.zero_grad(set_to_none=True)
     loss = losses.cross_entropy_loss(model("sst", batch["inputs"]), batch["labels"])
     if regulariser is not None:
@@ -315,19 +317,19 @@ def sst_step(model, optimizer, batch, regulariser=None):
 
 
 def bench_data(args):
-    data = task_data(args.data_dir, "sst", args.limit)
+    data = task_data(args.data_dir, "sst", args.limit, args.device)
     tokenizer = BertTokenizer.from_pretrained(default_checkpoint_path())
     model, optimizer = sst_model_and_optimizer(args)
-    naive_batch = lambda indices: naive_collate([data.examples[i] for i in indices], tokenizer)
+    naive_batch = lambda indices: naive_collate([data.examples[i] for i in indices], tokenizer, device=args.device)
     run_table(  # each batch is made inside the timing: how it is made is all that differs
         args, "data", f"4. data path: an SST training step on the same examples, {args.batch_size} a batch",
         {"naive (tokenise per batch, pad to 128)": lambda indices: sst_step(model, optimizer, naive_batch(indices)),
-         "ours (ids cached, padded to the longest)": lambda indices: sst_step(model, optimizer, data.batch(indices))},
+         "ours (ids padded once, on the device; a batch is its rows)": lambda indices: sst_step(model, optimizer, data.batch(indices))},
         bucketed_indices(data, args.batch_size, args.n_batches), "step")
 
 
 def bench_smart(args):
-    data = task_data(args.data_dir, "sst", args.limit)
+    data = task_data(args.data_dir, "sst", args.limit, args.device)
     batches = [data.batch(indices) for indices in bucketed_indices(data, args.batch_size, args.n_batches)]
     model, optimizer = sst_model_and_optimizer(args)
     regulariser = smart.SmartRegulariser(model)  # paper defaults; after model.to(device): the teacher is a copy
@@ -344,7 +346,7 @@ def train_py_step(args, flags):
     optimizer = train.build_optimizer(run_args, model)
     params = [p for p in model.parameters() if p.requires_grad]
     return lambda batch: train.training_step(run_args, model, optimizer, None, params,
-                                             {"sst": tasks.move_batch(batch, args.device)}, {"sst": 1.0}, args.device)
+                                             {"sst": batch}, {"sst": 1.0}, args.device)
 
 
 def counted_flops(fn, item):
@@ -357,7 +359,7 @@ def counted_flops(fn, item):
 
 def bench_step(args):
     torch.manual_seed(0)
-    data = task_data(args.data_dir, "sst", args.limit)
+    data = task_data(args.data_dir, "sst", args.limit, args.device)
     batches = [data.batch(indices) for indices in bucketed_indices(data, args.batch_size, args.n_batches)]
     steps = {"fp32, eager update (the defaults before)": ["--precision", "fp32", "--no-fused_optimizer"],
              "bf16 autocast, eager update": ["--precision", "bf16", "--no-fused_optimizer"],

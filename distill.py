@@ -93,7 +93,7 @@ def read_teacher(folder, student_tasks, student_fingerprint):
 
 
 @torch.no_grad()
-def soft_targets(model, data, batch_size, device, autocast, fold=None):
+def soft_targets(model, data, batch_size, autocast, fold=None):
     """The teacher's target for every example of `data`, in its order: class probabilities,
     a paraphrase probability, or an STS score (see the module docstring). With `fold` (k, n),
     for the examples of fold k alone: the other rows are NaN, "no target from this teacher"."""
@@ -102,7 +102,7 @@ def soft_targets(model, data, batch_size, device, autocast, fold=None):
     targets = torch.full((len(data), *classes), torch.nan)
     taught = None if fold is None else [i for i, e in enumerate(data.examples) if tasks.fold_of(e.id, fold[1]) == fold[0]]
     for indices in data.ordered_batches(batch_size, taught):
-        batch = tasks.move_batch(data.batch(indices), device)
+        batch = data.batch(indices)  # on the device the data is held on
         with autocast():
             outputs = model(data.task, batch["inputs"]).float()
         if data.task == "sts":

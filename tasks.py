@@ -157,19 +157,22 @@ def fold_of(example_id, n_folds):
 # ----------------------------------------------------------------------------- token ids and batches
 
 class TaskData:
-    """One split of one task, tokenised once up front; batches are padded to their own longest,
-    rounded up to a multiple of `pad_multiple` (at most max_length).
+    """One split of one task, tokenised and padded once up front, held on `device`; a batch is
+    rows of those tensors, cut to the batch's longest rounded up to a multiple of `pad_multiple`
+    (at most max_length).
 
     sst/cfimdb keep one id sequence per example, para one joint pair sequence
-    `[CLS] q1 [SEP] q2 [SEP]`, sts two (one per sentence). Why round up: a compiled model is
-    specialised to its input shapes, and CUDA graphs record one graph per shape. Lengths rounded
-    to multiples of 16 give at most 8 shapes up to 128 tokens, not one per length; padding is
-    masked, so the outputs are the same but for float rounding (tests/test_tasks.py)."""
+    `[CLS] q1 [SEP] q2 [SEP]`, sts two (one per sentence). Why hold them on the device: a GPU step
+    then copies no token ids from the host and waits on no copy (the largest split, Quora's
+    training file, is 16k rows: a few MB). Why round up: a compiled model is specialised to its
+    input shapes, and CUDA graphs record one graph per shape. Lengths rounded to multiples of 16
+    give at most 8 shapes up to 128 tokens, not one per length; padding is masked, so the outputs
+    are the same but for float rounding (tests/test_tasks.py)."""
 
-    def __init__(self, task, examples, tokenizer, max_length, pad_multiple=1):
+    def __init__(self, task, examples, tokenizer, max_length, pad_multiple=1, device="cpu"):
         self.task, self.examples = task, examples
         self.pad_id = tokenizer.pad_token_id
-        self.max_length, self.pad_multiple = max_length, pad_multiple
+        self.max_length, self.pad_multiple, self.device = max_length, pad_multiple, torch.device(device)
         if task == "sts":
             self.encodings = [[tokenizer.encode_with_types(e.text, max_length=max_length) for e in examples],
                               [tokenizer.encode_with_types(e.pair, max_length=max_length) for e in examples]]
@@ -178,29 +181,44 @@ class TaskData:
         # the cost of an example is its longest sequence: what batches are bucketed by
         self.lengths = [max(len(enc[i][0]) for enc in self.encodings) for i in range(len(examples))]
         self.labels = [e.label for e in examples]
+        self.padded = [self.pad(enc) for enc in self.encodings]
+        self.label_tensor = None
+        if examples and self.labels[0] is not None:
+            dtype = torch.float if task in ("sts", "para") else torch.long
+            self.label_tensor = torch.tensor(self.labels, dtype=dtype, device=self.device)
 
     def __len__(self):
         return len(self.examples)
 
+    def width(self, longest):
+        """The padded length of a batch whose longest sequence has `longest` tokens."""
+        return min(-(-longest // self.pad_multiple) * self.pad_multiple, max(self.max_length, longest))
+
     def pad(self, encodings):
-        """Padded to the longest: the rows are padded as Python lists, then each field becomes a
-        tensor in one torch.tensor call (a call per row costs more than the padding itself)."""
-        longest = max(len(ids) for ids, _ in encodings)
-        longest = min(-(-longest // self.pad_multiple) * self.pad_multiple, max(self.max_length, longest))
-        padding = [longest - len(ids) for ids, _ in encodings]
-        return {
-            "input_ids": torch.tensor([ids + [self.pad_id] * p for (ids, _), p in zip(encodings, padding)]),
-            "token_type_ids": torch.tensor([types + [0] * p for (_, types), p in zip(encodings, padding)]),
-            "attention_mask": torch.tensor([[1] * len(ids) + [0] * p for (ids, _), p in zip(encodings, padding)]),
-        }
+        """The whole split's ids and types, every row padded to the longest (rounded up), and each
+        row's length. Padded as Python lists, then one torch.tensor call per field (a call per row
+        costs more than the padding itself)."""
+        lengths = [len(ids) for ids, _ in encodings]
+        width = self.width(max(lengths, default=1))
+        return {"input_ids": torch.tensor([ids + [self.pad_id] * (width - len(ids)) for ids, _ in encodings],
+                                          dtype=torch.long, device=self.device).view(len(encodings), width),
+                "token_type_ids": torch.tensor([types + [0] * (width - len(types)) for _, types in encodings],
+                                               dtype=torch.long, device=self.device).view(len(encodings), width),
+                "lengths": lengths, "length_tensor": torch.tensor(lengths, device=self.device)}
 
     def batch(self, indices):
-        """{'inputs': [padded encoder inputs: one, or sts's two sentences], 'labels': tensor or None}."""
-        inputs = [self.pad([enc[i] for i in indices]) for enc in self.encodings]
-        labels = None
-        if self.labels[indices[0]] is not None:
-            dtype = torch.float if self.task in ("sts", "para") else torch.long
-            labels = torch.tensor([self.labels[i] for i in indices], dtype=dtype)
+        """{'inputs': [encoder inputs: one, or sts's two sentences], 'labels': tensor or None}, on the
+        data's device. Each input is the rows `indices`, cut to their longest: padding to the
+        batch's longest, not the split's."""
+        rows = torch.tensor(indices, device=self.device)
+        inputs = []
+        for padded in self.padded:
+            width = self.width(max(padded["lengths"][i] for i in indices))  # from the host: no GPU sync
+            positions = torch.arange(width, device=self.device)
+            inputs.append({"input_ids": padded["input_ids"][rows, :width],
+                           "token_type_ids": padded["token_type_ids"][rows, :width],
+                           "attention_mask": (positions < padded["length_tensor"][rows, None]).long()})
+        labels = None if self.label_tensor is None else self.label_tensor[rows]
         return {"inputs": inputs, "labels": labels}
 
     def ordered_batches(self, batch_size, indices=None):
@@ -208,15 +226,6 @@ class TaskData:
         padding), order restored later."""
         order = sorted(range(len(self)) if indices is None else indices, key=self.lengths.__getitem__)
         return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def move_batch(batch, device):
-    """Copy a batch to the device (asynchronously from pinned memory on CUDA)."""
-    if device.type != "cuda":
-        return batch
-    move = lambda t: t.pin_memory().to(device, non_blocking=True)
-    return {"inputs": [{k: move(v) for k, v in enc.items()} for enc in batch["inputs"]],
-            "labels": None if batch["labels"] is None else move(batch["labels"])}
 
 
 # ----------------------------------------------------------------------------- heads

@@ -93,9 +93,9 @@ def main(argv=None):
     tokenizer = load_tokenizer(checkpoint_dir)
     check_checkpoint_fits(args, tokenizer, checkpoint_dir)
     check_out_dir(args, out_dir)
-    dev_data = {t: load_split(args, tokenizer, t, "dev", args.eval_limit) for t in args.tasks}
-    test_data = {t: load_split(args, tokenizer, t, "test-student", args.eval_limit) for t in args.tasks}
-    train_data = {} if args.eval_only else {t: load_split(args, tokenizer, t, "train", args.limit)
+    dev_data = {t: load_split(args, tokenizer, t, "dev", args.eval_limit, device) for t in args.tasks}
+    test_data = {t: load_split(args, tokenizer, t, "test-student", args.eval_limit, device) for t in args.tasks}
+    train_data = {} if args.eval_only else {t: load_split(args, tokenizer, t, "train", args.limit, device)
                                             for t in args.tasks}
     teachers = {} if args.eval_only or not args.teachers else teacher_targets(args, checkpoint_dir, train_data, device)
     model = build_model(args, checkpoint_dir, device)  # the same seed: the same weights on every rank
@@ -233,7 +233,7 @@ def train(args, model, optimizer, regulariser, progress, train_data, dev_data, d
             batches, shares = {}, {}
             for task, indices in plan[step].items():
                 mine, shares[task] = shard(indices)
-                batches[task] = tasks.move_batch(train_data[task].batch(mine), device)
+                batches[task] = train_data[task].batch(mine)
                 if task in teachers:
                     batches[task]["teacher"] = teachers[task][mine].to(device)
             gold = distill.gold_share(args.distill_anneal, args.distill_weight, done)
@@ -299,7 +299,7 @@ def predict(model, data, args, device):
     model.eval()
     predicted = {}
     for indices in data.ordered_batches(args.eval_batch_size)[distributed.RANK::distributed.WORLD_SIZE]:
-        batch = tasks.move_batch(data.batch(indices), device)
+        batch = data.batch(indices)
         with autocast(args, device):
             outputs = model(data.task, batch["inputs"])
         predicted.update(zip(indices, tasks.predictions_from_outputs(data.task, outputs.float()).tolist()))
@@ -387,7 +387,7 @@ def check_checkpoint_fits(args, tokenizer, checkpoint_dir):
         raise RunError(f"{checkpoint_dir}: one token type only, but para encodes sentence pairs (types 0 and 1)")
 
 
-def load_split(args, tokenizer, task, split, limit):
+def load_split(args, tokenizer, task, split, limit, device):
     examples = tasks.read_examples(args.data_dir, task, split, report=log)
     if split == "train" and args.fold:  # a teacher to be, trained without the fold it will teach
         k, n = parse_fold(args.fold)
@@ -399,8 +399,8 @@ def load_split(args, tokenizer, task, split, limit):
     elif limit is not None:
         examples = examples[:limit]  # dev/test: the first rows, so outputs line up with the files
     # compiled on CUDA: a few fixed shapes, so that CUDA graphs are recorded once per shape, not per length
-    pad_multiple = 16 if args.compile and pick_device(args.device).type == "cuda" else 1
-    return tasks.TaskData(task, examples, tokenizer, args.max_length, pad_multiple)
+    pad_multiple = 16 if args.compile and device.type == "cuda" else 1
+    return tasks.TaskData(task, examples, tokenizer, args.max_length, pad_multiple, device)
 
 
 def build_model(args, checkpoint_dir, device):
@@ -436,7 +436,7 @@ def teacher_targets(args, checkpoint_dir, train_data, device):
         fold = parse_fold(teacher_args.get("fold"))  # a --fold teacher teaches its fold alone
         for task in teacher_args["tasks"]:
             per_task.setdefault(task, []).append(
-                distill.soft_targets(teacher, train_data[task], args.eval_batch_size, device,
+                distill.soft_targets(teacher, train_data[task], args.eval_batch_size,
                                     lambda: autocast(args, device), fold))
     return {task: distill.ensemble(targets, train_data[task]) for task, targets in per_task.items()}
 

@@ -102,7 +102,7 @@ def test_quick_run_prints_each_tables_contenders_reference_first(data_dir, capsy
     contenders = [[line.split("  ")[1].strip() for line in t.splitlines()[2:]] for t in tables]
     assert contenders == [["transformers sdpa", "ours", "transformers eager"]] * 2 + [
         ["transformers slow", "ours, cold cache", "transformers fast"],
-        ["naive (tokenise per batch, pad to 128)", "ours (ids cached, padded to the longest)"],
+        ["naive (tokenise per batch, pad to 128)", "ours (ids padded once, on the device; a batch is its rows)"],
         ["without SMART", "with SMART (K = 1)"],
         ["fp32, eager update (the defaults before)", "bf16 autocast, eager update",
          "bf16 autocast, fused update (train.py's default)", "bf16 matmul of the FFN's shape, same tokens (the limit)"]]

@@ -25,6 +25,7 @@ import train
 from conftest import make_tiny_checkpoint, snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
+CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -130,7 +131,7 @@ def teacher_predictions(data_dir, tiny, folder, data):
     args = json.loads((folder / "args.json").read_text())
     model = tasks.MultitaskBert(train.BertModel.from_pretrained(tiny), args["tasks"], 0.0, args["pooling"])
     model.load_state_dict(torch.load(folder / "best.pt", weights_only=True)["model"])
-    return distill.soft_targets(model, data, 64, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
+    return distill.soft_targets(model, data, 64, lambda: torch.autocast("cpu", enabled=False))
 
 
 def test_every_batch_meets_its_own_examples_teacher_targets(tmp_path, data_dir, tiny, teachers, monkeypatch):
@@ -149,7 +150,7 @@ def test_every_batch_meets_its_own_examples_teacher_targets(tmp_path, data_dir, 
     args = train.parse_args(flags(data_dir, tiny, out_dir, "--tasks", "sst,sts", "--limit", "30"))
     tokenizer = train.load_tokenizer(Path(tiny))
     for task, names in (("sst", ["sst-1", "sst-2"]), ("sts", ["sts"])):
-        data = train.load_split(args, tokenizer, task, "train", 30)
+        data = train.load_split(args, tokenizer, task, "train", 30, CPU)
         expected = distill.ensemble([teacher_predictions(data_dir, tiny, teachers / n, data) for n in names], data)
         by_ids = {tuple(data.encodings[0][i][0]): expected[i] for i in range(len(data))}
         checked = 0
@@ -200,7 +201,7 @@ def test_folds_split_the_examples_by_id_into_parts_of_about_equal_size(data_dir)
 @pytest.mark.parametrize("limit", [None, 30])
 def test_a_fold_run_trains_on_the_examples_outside_its_fold_alone(data_dir, tiny, limit):
     args = train.parse_args(flags(data_dir, tiny, "unused", "--tasks", "sst", "--fold", "1/3"))
-    kept = [e.id for e in train.load_split(args, train.load_tokenizer(Path(tiny)), "sst", "train", limit).examples]
+    kept = [e.id for e in train.load_split(args, train.load_tokenizer(Path(tiny)), "sst", "train", limit, CPU).examples]
     outside = [e.id for e in tasks.read_examples(data_dir, "sst", "train", report=lambda _: None)
                if tasks.fold_of(e.id, 3) != 1]
     assert kept == outside if limit is None else (len(kept) == limit and set(kept) <= set(outside))
@@ -219,7 +220,7 @@ def test_fold_teachers_teach_each_example_what_the_one_that_never_saw_it_predict
                      "--teachers", f"{teachers / 'sst-fold0'},{teachers / 'sst-fold1'}"))
     saved = torch.load(out_dir / "teachers.pt", weights_only=True)["sst"]
     args = train.parse_args(flags(data_dir, tiny, out_dir, "--tasks", "sst"))
-    data = train.load_split(args, train.load_tokenizer(Path(tiny)), "sst", "train", 40)
+    data = train.load_split(args, train.load_tokenizer(Path(tiny)), "sst", "train", 40, CPU)
     taught = Counter()
     for k in (0, 1):
         predicted = teacher_predictions(data_dir, tiny, teachers / f"sst-fold{k}", data)  # on every example

@@ -86,6 +86,20 @@ def test_batches_are_padded_to_their_own_longest(data_dir, tokenizer):
     assert batch["labels"].tolist() == [data.examples[i].label for i in indices]
 
 
+def test_a_split_and_its_batches_live_on_its_device(data_dir, tokenizer):
+    """What a GPU step relies on: nothing of a batch is made on the host and copied over. The meta
+    device (shapes, no data) stands in for a GPU: a tensor made anywhere else would show."""
+    for task in ("para", "sts"):
+        examples = tasks.read_examples(data_dir, task, "dev")[:40]
+        on_cpu = tasks.TaskData(task, examples, tokenizer, max_length=128).batch([3, 7, 11])
+        on_meta = tasks.TaskData(task, examples, tokenizer, max_length=128, device="meta").batch([3, 7, 11])
+        for cpu, meta in zip(on_cpu["inputs"], on_meta["inputs"]):
+            for key in cpu:
+                assert meta[key].device.type == "meta" and meta[key].shape == cpu[key].shape
+                assert meta[key].dtype == cpu[key].dtype == torch.long
+        assert on_meta["labels"].device.type == "meta" and on_meta["labels"].shape == on_cpu["labels"].shape
+
+
 def test_sts_encodes_each_sentence_on_its_own(data_dir, tokenizer):
     data = tasks.TaskData("sts", tasks.read_examples(data_dir, "sts", "dev")[:8], tokenizer, max_length=128)
     batch = data.batch([0, 1])
