@@ -3,7 +3,8 @@
     python results/table.py --data_dir ../shared/data                # run every unfinished run, print the page's tables
     python results/table.py --data_dir ../shared/data --seeds 11711  # only the default seed's runs
     python results/table.py --dry_run                                # print the tables from the finished runs only
-    python results/table.py --dry_run --write_runs                   # and save every run's flags and metrics (below)
+    python results/table.py --dry_run --write_runs --write_pages     # and save every run's record (below), and
+                                                                     # write the tables into the results page
 
 Every row is one train.py command, run once for each seed in SEEDS (`--seed` added), in
 runs/study/<row>-seed<seed>, its log beside it as <row>-seed<seed>.log. A run that has written
@@ -27,13 +28,15 @@ to tell a seed's wobble from an effect, not to settle a small one.
 
 results/study-runs.jsonl keeps, per finished run, what its files say: its row and seed, the
 flags it ran with (args.json), its best dev scores and every epoch's record; the tests hold every
-row's command to those flags. results/history.jsonl keeps the rows of the table before this one
+row's command to those flags. A run with no folder in --runs_dir counts by its record there, so a
+fresh clone prints the same tables, and `--write_pages` writes them into the pages that show them. results/history.jsonl keeps the rows of the table before this one
 (run at earlier defaults, mostly one seed each, with the commit they were recorded at); `--history`
 prints them. Today's code does not run them: their commands are in their records.
 """
 import argparse
 import json
 import math
+import re
 import shlex
 import shutil
 import statistics
@@ -185,16 +188,21 @@ def run_one(name, seed, runs_dir, data_dir):
         sys.exit(f"error: {out_dir.name} failed (exit {code}); see {runs_dir / out_dir.name}.log")
 
 
-def finished_runs(name, runs_dir):
-    """{seed: (dev scores with "overall", minutes)} of the row's finished runs."""
+def finished_runs(name, runs_dir, saved=None):
+    """{seed: (dev scores with "overall", minutes)} of the row's finished runs: from the run's
+    own files in runs_dir, else from its record in `saved` ((row, seed) -> a study-runs.jsonl
+    record), so that a clone without the runs still has their results."""
     results = {}
     for seed in seeds_of(name):
         out_dir = runs_dir / run_name(name, seed)
         if (out_dir / "scores.json").is_file():
-            summary = json.loads((out_dir / "scores.json").read_text())
-            records = read_metrics(out_dir)
-            seconds = sum(r["seconds"] for r in records) if records else summary["seconds"]
-            results[seed] = ({**summary["dev"], "overall": summary["overall"]}, seconds / 60)
+            summary, epochs = json.loads((out_dir / "scores.json").read_text()), read_metrics(out_dir)
+        elif saved and (name, seed) in saved:
+            summary, epochs = saved[name, seed]["best"], saved[name, seed]["epochs"]
+        else:
+            continue
+        seconds = sum(r["seconds"] for r in epochs) if epochs else summary["seconds"]
+        results[seed] = ({**summary["dev"], "overall": summary["overall"]}, seconds / 60)
     return results
 
 
@@ -217,22 +225,26 @@ def score_cells(scores):
     return cells + [cell([dev["overall"] for dev in scores]) if len(scores[0]) > 2 else "–"]
 
 
-def markdown_table(runs_dir):
+TABLE_HEADER = ["| run | seeds | SST acc | PARA acc | STS r | overall | wall (min) | command |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+
+def row_line(name, label, runs_dir, saved=None):
+    """A row of the tables: its finished seeds' cells, median wall time and command."""
+    runs = finished_runs(name, runs_dir, saved)
+    command = f"`{row_command(name)}`"
+    if not runs:
+        return f"| {label} | 0 of {len(seeds_of(name))} | not run yet | | | | | {command} |"
+    cells = score_cells([dev for dev, _ in runs.values()])
+    minutes = statistics.median(m for _, m in runs.values())
+    return f"| {label} | {len(runs)} of {len(seeds_of(name))} | {' | '.join(cells)} | {minutes:.1f} | {command} |"
+
+
+def markdown_table(runs_dir, saved=None):
     lines = []
     for title, rows in SECTIONS:
-        lines += ["", f"**{title}**", "",
-                  "| run | seeds | SST acc | PARA acc | STS r | overall | wall (min) | command |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for name, label, _ in rows:
-            runs = finished_runs(name, runs_dir)
-            command = f"`{row_command(name)}`"
-            if not runs:
-                lines.append(f"| {label} | 0 of {len(seeds_of(name))} | not run yet | | | | | {command} |")
-                continue
-            cells = score_cells([dev for dev, _ in runs.values()])
-            minutes = statistics.median(m for _, m in runs.values())
-            lines.append(f"| {label} | {len(runs)} of {len(seeds_of(name))} | {' | '.join(cells)} "
-                         f"| {minutes:.1f} | {command} |")
+        lines += ["", f"**{title}**", "", *TABLE_HEADER]
+        lines += [row_line(name, label, runs_dir, saved) for name, label, _ in rows]
     return "\n".join(lines[1:])
 
 
@@ -253,11 +265,11 @@ def verdict(a, b, exact=()):
     return "within seed noise"
 
 
-def claim_lines(runs_dir):
+def claim_lines(runs_dir, saved=None):
     lines = ["| claim | A | B | A − B | verdict |", "| --- | --- | --- | --- | --- |"]
     for claim, (row_a, score_a), (row_b, score_b) in CLAIMS:
-        a = [dev[score_a] for dev, _ in finished_runs(row_a, runs_dir).values()]
-        b = [dev[score_b] for dev, _ in finished_runs(row_b, runs_dir).values()]
+        a = [dev[score_a] for dev, _ in finished_runs(row_a, runs_dir, saved).values()]
+        b = [dev[score_b] for dev, _ in finished_runs(row_b, runs_dir, saved).values()]
         said = verdict(a, b, exact=[side for side, row in (("a", row_a), ("b", row_b)) if len(seeds_of(row)) == 1])
         difference = f"{statistics.mean(a) - statistics.mean(b):+.3f}" if a and b else ""
         lines.append(f"| {claim} | {row_a} {score_a}: {cell(a) or '–'} ({len(a)}) | {row_b} {score_b}: "
@@ -280,6 +292,31 @@ def history_table():
         lines.append(f"| {record['run']} | {len(epochs) or '–'} | {' | '.join(cells)} | {minutes:.1f} "
                      f"| {record['commit']} | `{record['command']}` |")
     return "\n".join(lines[1:])
+
+
+# ----------------------------------------------------------------------------- the pages
+
+PAGE, FRONT_DOOR = ROOT / "results" / "README.md", ROOT / "README.md"
+
+
+def spliced(text, marker, body):
+    """`text` with what stands between the lines `<!-- {marker}: begin ... -->` and
+    `<!-- {marker}: end -->` replaced by `body`; the prose around them is the page's own."""
+    begin, end = re.search(rf"<!-- {re.escape(marker)}: begin[^\n]*-->\n", text), text.find(f"<!-- {marker}: end -->")
+    if begin is None or end < begin.end():
+        sys.exit(f"error: no '<!-- {marker}: begin -->' ... '<!-- {marker}: end -->' lines to write between")
+    return text[:begin.end()] + body + "\n" + text[end:]
+
+
+def pages(runs_dir, saved):
+    """{path: new text}: the tables, verdicts and history in results/README.md, the main command's
+    row in the README's front door."""
+    page = PAGE.read_text()
+    for marker, body in (("table.py study", markdown_table(runs_dir, saved)),
+                         ("table.py claims", claim_lines(runs_dir, saved)), ("table.py history", history_table())):
+        page = spliced(page, marker, body)
+    headline = "\n".join([*TABLE_HEADER, row_line("main", "the main command", runs_dir, saved)])
+    return {PAGE: page, FRONT_DOOR: spliced(FRONT_DOOR.read_text(), "table.py headline", headline)}
 
 
 # ----------------------------------------------------------------------------- the records
@@ -326,9 +363,11 @@ def main():
     p.add_argument("--runs_dir", default="runs/study", help="where the rows' runs go")
     p.add_argument("--only", default=None, help="comma list of row names to run, in this order (default: every row)")
     p.add_argument("--seeds", default=None, help=f"comma list of the seeds to run (default: all of {SEEDS})")
-    p.add_argument("--dry_run", action="store_true", help="run nothing, print the tables of the finished runs")
+    p.add_argument("--dry_run", action="store_true", help="run nothing, print the tables of the finished (and saved) runs")
     p.add_argument("--write_runs", action="store_true",
                    help="also write results/study-runs.jsonl: every finished run's flags and metrics")
+    p.add_argument("--write_pages", action="store_true", help="also write the tables and verdicts into "
+                   "results/README.md and the main command's row into README.md")
     p.add_argument("--history", action="store_true", help="print the rows of earlier defaults (history.jsonl) only")
     args = p.parse_args()
     if args.history:
@@ -346,13 +385,19 @@ def main():
         for name in only:  # in the order given, each row's seeds in turn
             for seed in [seed for seed in seeds_of(name) if str(seed) in seeds]:
                 run_one(name, seed, runs_dir, data_dir)
-    print(markdown_table(runs_dir))
-    print()
-    print(claim_lines(runs_dir))
+    saved = {(r["row"], r["seed"]): r for r in read_records(STUDY_RUNS)}
     if args.write_runs:
-        records = runs_record(runs_dir, {(r["row"], r["seed"]): r for r in read_records(STUDY_RUNS)})
+        records = runs_record(runs_dir, saved)
         STUDY_RUNS.write_text("".join(json.dumps(r) + "\n" for r in records))
+        saved = {(r["row"], r["seed"]): r for r in records}
         print(f"wrote {STUDY_RUNS.relative_to(ROOT)} ({len(records)} runs)", file=sys.stderr)
+    print(markdown_table(runs_dir, saved))
+    print()
+    print(claim_lines(runs_dir, saved))
+    if args.write_pages:
+        for path, text in pages(runs_dir, saved).items():
+            path.write_text(text)
+        print(f"wrote the tables into {PAGE.relative_to(ROOT)} and {FRONT_DOOR.relative_to(ROOT)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -103,3 +103,19 @@ def test_the_history_keeps_every_earlier_row_with_its_commit():
     assert records and all(len(r["commit"]) == 7 and r["best"]["dev"] for r in records)
     printed = table.history_table()
     assert all(f"| {r['commit']} | `{r['command']}` |" in printed for r in records)
+
+
+def test_the_pages_show_what_the_saved_runs_say(tmp_path):
+    """What `--write_pages` writes from results/study-runs.jsonl alone (no runs folder, as in a
+    fresh clone) is what results/README.md and the README hold: no page shows a number its
+    records do not, and no record is missing from the pages."""
+    saved = {(r["row"], r["seed"]): r for r in SAVED_RUNS}
+    for path, text in table.pages(tmp_path / "no-runs", saved).items():
+        assert text == path.read_text(), f"{path.name} is not what its records say: run results/table.py --write_pages"
+
+
+def test_the_generated_parts_lie_between_their_markers_and_nothing_else_changes():
+    page = "prose\n<!-- table.py x: begin (how) -->\nold\nrows\n<!-- table.py x: end -->\nmore prose\n"
+    assert table.spliced(page, "table.py x", "new") == page.replace("old\nrows", "new")
+    with pytest.raises(SystemExit, match="no '<!-- table.py y: begin -->'"):
+        table.spliced(page, "table.py y", "new")
