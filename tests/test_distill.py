@@ -126,17 +126,22 @@ def teachers(tmp_path_factory, data_dir, tiny):
     return folder
 
 
-def teacher_predictions(data_dir, tiny, folder, data):
+def teacher_predictions(data_dir, tiny, folder, data, bf16=False):
     """What a teacher predicts for each example of `data`, computed here from its best.pt."""
     args = json.loads((folder / "args.json").read_text())
     model = tasks.MultitaskBert(train.BertModel.from_pretrained(tiny), args["tasks"], 0.0, args["pooling"])
     model.load_state_dict(torch.load(folder / "best.pt", weights_only=True)["model"])
-    return distill.soft_targets(model, data, 64, lambda: torch.autocast("cpu", enabled=False))
+    return distill.soft_targets(model, data, 64, lambda: torch.autocast("cpu", torch.bfloat16, enabled=bf16))
 
 
-def test_every_batch_meets_its_own_examples_teacher_targets(tmp_path, data_dir, tiny, teachers, monkeypatch):
-    """A shuffled round-robin plan over a seeded --limit sample: each step's teacher rows are the
-    ensemble of the two SST teachers (and the STS teacher) for exactly that batch's example ids."""
+@pytest.mark.parametrize("more", [["--sampler", "roundrobin"], ["--sampler", "sequential", "--loss", "sum"],
+                                  ["--sampler", "break"], ["--sampler", "proportional"],
+                                  ["--sampler", "roundrobin", "--smart"], ["--sampler", "roundrobin", "--precision", "bf16"]],
+                         ids=lambda more: " ".join(more))
+def test_every_batch_meets_its_own_examples_teacher_targets(tmp_path, data_dir, tiny, teachers, monkeypatch, more):
+    """Under every sampler (shuffled, over a seeded --limit sample), loss strategy, SMART and bf16:
+    each step's teacher rows are the ensemble of the two SST teachers (and the STS teacher) for
+    exactly that batch's example ids, and λ rises from 0 with the steps."""
     seen, real_step = [], train.training_step
 
     def recording(args, model, optimizer, regulariser, params, batches, shares, device, gold=1.0):
@@ -145,23 +150,25 @@ def test_every_batch_meets_its_own_examples_teacher_targets(tmp_path, data_dir, 
     monkeypatch.setattr(train, "training_step", recording)
     out_dir = tmp_path / "student"
     teacher_dirs = ",".join(str(teachers / name) for name in ("sst-1", "sst-2", "sts"))
-    train.main(flags(data_dir, tiny, out_dir, "--tasks", "sst,sts", "--sampler", "roundrobin", "--epochs", "1",
-                     "--limit", "30", "--teachers", teacher_dirs))
+    train.main(flags(data_dir, tiny, out_dir, "--tasks", "sst,sts", "--epochs", "1", "--limit", "30",
+                     "--teachers", teacher_dirs, *more))
     args = train.parse_args(flags(data_dir, tiny, out_dir, "--tasks", "sst,sts", "--limit", "30"))
     tokenizer = train.load_tokenizer(Path(tiny))
     for task, names in (("sst", ["sst-1", "sst-2"]), ("sts", ["sts"])):
         data = train.load_split(args, tokenizer, task, "train", 30, CPU)
-        expected = distill.ensemble([teacher_predictions(data_dir, tiny, teachers / n, data) for n in names], data)
+        expected = distill.ensemble([teacher_predictions(data_dir, tiny, teachers / n, data, "bf16" in more)
+                                     for n in names], data)
         by_ids = {tuple(data.encodings[0][i][0]): expected[i] for i in range(len(data))}
         checked = 0
-        for step, _ in seen:
+        for step in (step for step, _ in seen if task in step):  # sequential, proportional: a task a step
             inputs, teacher = step[task]
             ids, mask = inputs[0]["input_ids"], inputs[0]["attention_mask"]
             for row in range(len(ids)):
                 key = tuple(ids[row][mask[row] == 1].tolist())
                 torch.testing.assert_close(teacher[row], by_ids[key], rtol=1e-6, atol=1e-7)
                 checked += 1
-        assert checked >= len(data)  # round-robin cycles the shorter task: every example is seen
+        # every example is seen (round-robin cycles the shorter task), but for proportional's draws
+        assert checked >= (1 if "proportional" in more else len(data))
     golds = [gold for _, gold in seen]
     assert golds[0] == 0 and golds == sorted(golds) and golds[-1] < 1  # λ = done, from the first step on
     saved = torch.load(out_dir / "teachers.pt", weights_only=True)
