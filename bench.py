@@ -223,10 +223,11 @@ def encoder_batches(datas, batch_size, n_batches):
 
 def naive_collate(examples, tokenizer, length=128, device=torch.device("cpu")):
     """A first DataLoader collate_fn: tokenise the batch's texts now, pad every batch to `length`,
-    copy it to the device."""
+    copy it to the device (from pinned memory on CUDA, as DataLoader(pin_memory=True) would)."""
+    move = lambda t: t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
     inputs = tokenizer([e.text for e in examples], max_length=length)
-    inputs = {k: F.pad(v, (0, length - v.shape[1]), value=0).to(device) for k, v in inputs.items()}  # pad: 0
-    return {"inputs": [inputs], "labels": torch.tensor([e.label for e in examples], device=device)}
+    inputs = {k: move(F.pad(v, (0, length - v.shape[1]), value=0)) for k, v in inputs.items()}  # pad: 0
+    return {"inputs": [inputs], "labels": move(torch.tensor([e.label for e in examples]))}
 
 
 # ----------------------------------------------------------------------------- the tables

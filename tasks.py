@@ -163,11 +163,12 @@ class TaskData:
 
     sst/cfimdb keep one id sequence per example, para one joint pair sequence
     `[CLS] q1 [SEP] q2 [SEP]`, sts two (one per sentence). Why hold them on the device: a GPU step
-    then copies no token ids from the host and waits on no copy (the largest split, Quora's
-    training file, is 16k rows: a few MB). Why round up: a compiled model is specialised to its
-    input shapes, and CUDA graphs record one graph per shape. Lengths rounded to multiples of 16
-    give at most 8 shapes up to 128 tokens, not one per length; padding is masked, so the outputs
-    are the same but for float rounding (tests/test_tasks.py)."""
+    then copies only its row numbers from the host (a few hundred bytes, asynchronously), not its
+    token ids (the largest split, Quora's training file, is 16k rows: 32 MiB of ids and types). Why
+    round up: a compiled model is specialised to its input shapes, and CUDA graphs record one graph
+    per shape. Lengths rounded to multiples of 16 give at most 8 shapes up to 128 tokens, not one
+    per length; padding is masked, so the outputs are the same but for float rounding
+    (tests/test_tasks.py)."""
 
     def __init__(self, task, examples, tokenizer, max_length, pad_multiple=1, device="cpu"):
         self.task, self.examples = task, examples
@@ -181,7 +182,10 @@ class TaskData:
         # the cost of an example is its longest sequence: what batches are bucketed by
         self.lengths = [max(len(enc[i][0]) for enc in self.encodings) for i in range(len(examples))]
         self.labels = [e.label for e in examples]
-        self.padded = [self.pad(enc) for enc in self.encodings]
+        # per sequence (sts has two an example): each one's length, on the host and on the device
+        self.sequence_lengths = [[len(ids) for ids, _ in enc] for enc in self.encodings]
+        self.length_tensors = [torch.tensor(n, dtype=torch.long, device=self.device) for n in self.sequence_lengths]
+        self.split_tensors = [self.pad_split(enc) for enc in self.encodings]
         self.label_tensor = None
         if examples and self.labels[0] is not None:
             dtype = torch.float if task in ("sts", "para") else torch.long
@@ -194,32 +198,34 @@ class TaskData:
         """The padded length of a batch whose longest sequence has `longest` tokens."""
         return min(-(-longest // self.pad_multiple) * self.pad_multiple, max(self.max_length, longest))
 
-    def pad(self, encodings):
-        """The whole split's ids and types, every row padded to the longest (rounded up), and each
-        row's length. Padded as Python lists, then one torch.tensor call per field (a call per row
-        costs more than the padding itself)."""
-        lengths = [len(ids) for ids, _ in encodings]
-        width = self.width(max(lengths, default=1))
-        return {"input_ids": torch.tensor([ids + [self.pad_id] * (width - len(ids)) for ids, _ in encodings],
-                                          dtype=torch.long, device=self.device).view(len(encodings), width),
-                "token_type_ids": torch.tensor([types + [0] * (width - len(types)) for _, types in encodings],
-                                               dtype=torch.long, device=self.device).view(len(encodings), width),
-                "lengths": lengths, "length_tensor": torch.tensor(lengths, device=self.device)}
+    def pad_split(self, encodings):
+        """{'input_ids', 'token_type_ids'}: the whole split's, every row padded to the split's
+        longest (rounded up). Padded as Python lists, then one torch.tensor call per field (a call
+        per row costs more than the padding itself); `view` keeps the 2-d shape of an empty split."""
+        width = self.width(max((len(ids) for ids, _ in encodings), default=1))
+        return {name: torch.tensor([seq + [pad] * (width - len(seq)) for seq in (pair[k] for pair in encodings)],
+                                   dtype=torch.long, device=self.device).view(len(encodings), width)
+                for name, k, pad in (("input_ids", 0, self.pad_id), ("token_type_ids", 1, 0))}
+
+    def rows(self, indices):
+        """The row numbers as a tensor on the data's device: from pinned memory on CUDA, so that
+        the copy does not wait for the GPU's queued work."""
+        rows = torch.tensor(indices, dtype=torch.long)
+        return rows.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else rows.to(self.device)
 
     def batch(self, indices):
         """{'inputs': [encoder inputs: one, or sts's two sentences], 'labels': tensor or None}, on the
         data's device. Each input is the rows `indices`, cut to their longest: padding to the
         batch's longest, not the split's."""
-        rows = torch.tensor(indices, device=self.device)
-        inputs = []
-        for padded in self.padded:
-            width = self.width(max(padded["lengths"][i] for i in indices))  # from the host: no GPU sync
+        rows, inputs = self.rows(indices), []
+        for tensors, lengths, length_tensor in zip(self.split_tensors, self.sequence_lengths, self.length_tensors):
+            width = self.width(max(lengths[i] for i in indices))  # from the host's copy: the GPU is not asked
             positions = torch.arange(width, device=self.device)
-            inputs.append({"input_ids": padded["input_ids"][rows, :width],
-                           "token_type_ids": padded["token_type_ids"][rows, :width],
-                           "attention_mask": (positions < padded["length_tensor"][rows, None]).long()})
+            inputs.append({"input_ids": tensors["input_ids"][rows, :width],
+                           "token_type_ids": tensors["token_type_ids"][rows, :width],
+                           "attention_mask": (positions < length_tensor[rows, None]).long()})
         labels = None if self.label_tensor is None else self.label_tensor[rows]
-        return {"inputs": inputs, "labels": labels}
+        return {"inputs": inputs, "labels": labels, "rows": rows}
 
     def ordered_batches(self, batch_size, indices=None):
         """Index batches for evaluation, of every example or of `indices`: sorted by length (little

@@ -219,6 +219,7 @@ def train(args, model, optimizer, regulariser, progress, train_data, dev_data, d
     """Train from `progress` (new_progress(), or what resume() returned) to the end of the last
     epoch. Every rank runs this loop over the same plan; rank 0 alone writes files."""
     params = [p for p in model.parameters() if p.requires_grad]
+    teachers = {task: targets.to(device) for task, targets in teachers.items()}  # beside the token ids
     checkpoint = lambda: save_resumable(out_dir / "last.pt", args, model, optimizer, regulariser, progress, device)
     for epoch in range(progress["epoch"], args.epochs):
         plan = epoch_plan(args, train_data, epoch)
@@ -235,7 +236,7 @@ def train(args, model, optimizer, regulariser, progress, train_data, dev_data, d
                 mine, shares[task] = shard(indices)
                 batches[task] = train_data[task].batch(mine)
                 if task in teachers:
-                    batches[task]["teacher"] = teachers[task][mine].to(device)
+                    batches[task]["teacher"] = teachers[task][batches[task]["rows"]]
             gold = distill.gold_share(args.distill_anneal, args.distill_weight, done)
             loss = training_step(args, model, optimizer, regulariser, params, batches, shares, device, gold)
             progress["step"] = step + 1

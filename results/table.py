@@ -28,10 +28,11 @@ to tell a seed's wobble from an effect, not to settle a small one.
 
 results/study-runs.jsonl keeps, per finished run, what its files say: its row and seed, the
 flags it ran with (args.json), its best dev scores and every epoch's record; the tests hold every
-row's command to those flags. A run with no folder in --runs_dir counts by its record there, so a
-fresh clone prints the same tables, and `--write_pages` writes them into the pages that show them. results/history.jsonl keeps the rows of the table before this one
-(run at earlier defaults, mostly one seed each, with the commit they were recorded at); `--history`
-prints them. Today's code does not run them: their commands are in their records.
+row's command to those flags. A run not finished in --runs_dir counts by its record there, so a
+fresh clone prints the same tables, and `--write_pages` writes them into the pages that show them
+(saving the records first). results/history.jsonl keeps the rows of the table before this one
+(run at earlier defaults, mostly one seed each, with the commit they were recorded at);
+`--history` prints them. Today's code does not run them: their commands are in their records.
 """
 import argparse
 import json
@@ -191,7 +192,8 @@ def run_one(name, seed, runs_dir, data_dir):
 def finished_runs(name, runs_dir, saved=None):
     """{seed: (dev scores with "overall", minutes)} of the row's finished runs: from the run's
     own files in runs_dir, else from its record in `saved` ((row, seed) -> a study-runs.jsonl
-    record), so that a clone without the runs still has their results."""
+    record), so that a clone without the runs still has their results. A run being re-run (its
+    folder there, its scores.json not yet) shows its record until it finishes."""
     results = {}
     for seed in seeds_of(name):
         out_dir = runs_dir / run_name(name, seed)
@@ -302,10 +304,11 @@ PAGE, FRONT_DOOR = ROOT / "results" / "README.md", ROOT / "README.md"
 def spliced(text, marker, body):
     """`text` with what stands between the lines `<!-- {marker}: begin ... -->` and
     `<!-- {marker}: end -->` replaced by `body`; the prose around them is the page's own."""
-    begin, end = re.search(rf"<!-- {re.escape(marker)}: begin[^\n]*-->\n", text), text.find(f"<!-- {marker}: end -->")
-    if begin is None or end < begin.end():
-        sys.exit(f"error: no '<!-- {marker}: begin -->' ... '<!-- {marker}: end -->' lines to write between")
-    return text[:begin.end()] + body + "\n" + text[end:]
+    begins = list(re.finditer(rf"<!-- {re.escape(marker)}: begin[^\n]*-->\n", text))
+    end = text.find(f"<!-- {marker}: end -->", begins[0].end()) if len(begins) == 1 else -1
+    if end < 0:
+        sys.exit(f"error: no single '<!-- {marker}: begin -->' ... '<!-- {marker}: end -->' pair to write between")
+    return text[:begins[0].end()] + body + "\n" + text[end:]
 
 
 def pages(runs_dir, saved):
@@ -367,7 +370,7 @@ def main():
     p.add_argument("--write_runs", action="store_true",
                    help="also write results/study-runs.jsonl: every finished run's flags and metrics")
     p.add_argument("--write_pages", action="store_true", help="also write the tables and verdicts into "
-                   "results/README.md and the main command's row into README.md")
+                   "results/README.md and the main command's row into README.md (and --write_runs first)")
     p.add_argument("--history", action="store_true", help="print the rows of earlier defaults (history.jsonl) only")
     args = p.parse_args()
     if args.history:
@@ -386,7 +389,7 @@ def main():
             for seed in [seed for seed in seeds_of(name) if str(seed) in seeds]:
                 run_one(name, seed, runs_dir, data_dir)
     saved = {(r["row"], r["seed"]): r for r in read_records(STUDY_RUNS)}
-    if args.write_runs:
+    if args.write_runs or args.write_pages:  # the pages show what the records say (tests/test_results_table.py)
         records = runs_record(runs_dir, saved)
         STUDY_RUNS.write_text("".join(json.dumps(r) + "\n" for r in records))
         saved = {(r["row"], r["seed"]): r for r in records}

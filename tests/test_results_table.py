@@ -1,7 +1,8 @@
 """Specification of results/table.py: every row is a command train.py accepts, for every seed; the
 saved runs (results/study-runs.jsonl) ran what their row's command runs today; the tables are read
-from the runs' own files (scores.json, metrics.jsonl), as seed means with their spread; each claim
-compares rows and scores that exist, and its verdict follows the rule the docstring gives."""
+from the runs' own files (scores.json, metrics.jsonl), else from their saved records, as seed means
+with their spread; each claim compares rows and scores that exist, and its verdict follows the rule
+the docstring gives; the pages hold, between their marker lines, what the saved records say."""
 import importlib.util
 import json
 import shlex
@@ -117,5 +118,17 @@ def test_the_pages_show_what_the_saved_runs_say(tmp_path):
 def test_the_generated_parts_lie_between_their_markers_and_nothing_else_changes():
     page = "prose\n<!-- table.py x: begin (how) -->\nold\nrows\n<!-- table.py x: end -->\nmore prose\n"
     assert table.spliced(page, "table.py x", "new") == page.replace("old\nrows", "new")
-    with pytest.raises(SystemExit, match="no '<!-- table.py y: begin -->'"):
-        table.spliced(page, "table.py y", "new")
+    for broken in (page.replace("table.py x: end", "table.py z: end"), page + page,  # no end; two pairs
+                   "<!-- table.py x: end -->\n" + page.replace("<!-- table.py x: end -->\n", "")):  # end first
+        with pytest.raises(SystemExit, match="no single '<!-- table.py x: begin -->'"):
+            table.spliced(broken, "table.py x", "new")
+
+
+def test_a_runs_own_files_count_before_its_saved_record(tmp_path):
+    write_run(tmp_path / "main-seed1", {"sst": 0.40, "para": 0.80, "sts": 0.85}, 0.70, 600.0)
+    record = lambda sst: {"best": {"dev": {"sst": sst, "para": 0.8, "sts": 0.85}, "overall": 0.7, "seconds": 60.0},
+                          "epochs": []}
+    saved = {("main", 1): record(0.99), ("main", 2): record(0.50)}
+    runs = table.finished_runs("main", tmp_path, saved)
+    assert sorted(runs) == [1, 2] and runs[1][0]["sst"] == 0.40 and runs[2] == (saved["main", 2]["best"]["dev"]
+                                                                                 | {"overall": 0.7}, 1.0)

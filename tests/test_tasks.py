@@ -87,9 +87,10 @@ def test_batches_are_padded_to_their_own_longest(data_dir, tokenizer):
 
 
 def test_a_split_and_its_batches_live_on_its_device(data_dir, tokenizer):
-    """What a GPU step relies on: nothing of a batch is made on the host and copied over. The meta
-    device (shapes, no data) stands in for a GPU: a tensor made anywhere else would show."""
-    for task in ("para", "sts"):
+    """What a GPU step relies on: every tensor of a batch is on the data's device, made there from
+    the split's tensors (only the row numbers come from the host). The meta device (shapes, no
+    data) stands in for a GPU: a tensor left on the CPU would show."""
+    for task in ("sst", "para", "sts"):
         examples = tasks.read_examples(data_dir, task, "dev")[:40]
         on_cpu = tasks.TaskData(task, examples, tokenizer, max_length=128).batch([3, 7, 11])
         on_meta = tasks.TaskData(task, examples, tokenizer, max_length=128, device="meta").batch([3, 7, 11])
@@ -98,6 +99,8 @@ def test_a_split_and_its_batches_live_on_its_device(data_dir, tokenizer):
                 assert meta[key].device.type == "meta" and meta[key].shape == cpu[key].shape
                 assert meta[key].dtype == cpu[key].dtype == torch.long
         assert on_meta["labels"].device.type == "meta" and on_meta["labels"].shape == on_cpu["labels"].shape
+        assert on_meta["labels"].dtype == on_cpu["labels"].dtype == (torch.long if task == "sst" else torch.float)
+        assert on_meta["rows"].device.type == "meta" and on_cpu["rows"].tolist() == [3, 7, 11]
 
 
 def test_sts_encodes_each_sentence_on_its_own(data_dir, tokenizer):

@@ -59,9 +59,10 @@ def initial_state():
     return train.build_model(train.parse_args([]), train.default_checkpoint_path(), torch.device("cpu")).state_dict()
 
 
-# Every sampler under GLS (the default), and the other two strategies each with one sampler: a
-# strategy only combines the task losses a step has, so it does not depend on which sampler chose them.
-@pytest.mark.parametrize("loss, sampler", [("gls", s) for s in STEPS] + [("sum", "sequential"), ("fls", "roundrobin")])
+# Every sampler under GLS (the main command's strategy), and the other two strategies each with a
+# sampler that puts every task in every step: a strategy only combines the task losses a step has,
+# so it does not depend on which sampler chose them.
+@pytest.mark.parametrize("loss, sampler", [("gls", s) for s in STEPS] + [("sum", "break"), ("fls", "roundrobin")])
 def test_every_sampler_and_loss_strategy_trains(tmp_path, data_dir, sampler, loss, initial_state):
     import torch
     out_dir, scores = run(tmp_path, data_dir, "--limit", "16", "--eval_limit", "16", "--epochs", "1",
