@@ -35,7 +35,11 @@ gold label on 74% of SST's training sentences (mean top probability 0.64: not ne
 Teachers run with --fold k/n train without fold k (tasks.fold_of: by example id) and teach only
 that fold, where their predictions are out of sample; n of them, k = 0 .. n-1, cover every
 training example once. Teachers of one task are averaged where they teach, and every example
-must have one.
+must have one. Out of fold (five folds, seed 11711), the targets are as far from gold as the
+teachers' dev scores say: 50% agreement on SST (mean top probability 0.62), 83% on PARA (0.92),
+r = 0.881 on STS. A student annealed from them did not measurably beat one taught in-sample
+(results/README.md, "Distillation"), so in-sample teachers, three runs instead of fifteen, are
+what the study's main distillation rows use.
 """
 import hashlib
 import json
