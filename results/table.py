@@ -189,22 +189,15 @@ def run_one(name, seed, runs_dir, data_dir):
         sys.exit(f"error: {out_dir.name} failed (exit {code}); see {runs_dir / out_dir.name}.log")
 
 
-def finished_runs(name, runs_dir, saved=None):
-    """{seed: (dev scores with "overall", minutes)} of the row's finished runs: from the run's
-    own files in runs_dir, else from its record in `saved` ((row, seed) -> a study-runs.jsonl
-    record), so that a clone without the runs still has their results. A run being re-run (its
-    folder there, its scores.json not yet) shows its record until it finishes."""
+def finished_runs(name, records):
+    """{seed: (dev scores with "overall", minutes)} of the row's finished runs, from their records
+    ((row, seed) -> record: by_run(runs_record(...)))."""
     results = {}
     for seed in seeds_of(name):
-        out_dir = runs_dir / run_name(name, seed)
-        if (out_dir / "scores.json").is_file():
-            summary, epochs = json.loads((out_dir / "scores.json").read_text()), read_metrics(out_dir)
-        elif saved and (name, seed) in saved:
-            summary, epochs = saved[name, seed]["best"], saved[name, seed]["epochs"]
-        else:
-            continue
-        seconds = sum(r["seconds"] for r in epochs) if epochs else summary["seconds"]
-        results[seed] = ({**summary["dev"], "overall": summary["overall"]}, seconds / 60)
+        if (name, seed) in records:
+            best, epochs = records[name, seed]["best"], records[name, seed]["epochs"]
+            seconds = sum(r["seconds"] for r in epochs) if epochs else best["seconds"]
+            results[seed] = ({**best["dev"], "overall": best["overall"]}, seconds / 60)
     return results
 
 
@@ -231,9 +224,9 @@ TABLE_HEADER = ["| run | seeds | SST acc | PARA acc | STS r | overall | wall (mi
                 "| --- | --- | --- | --- | --- | --- | --- | --- |"]
 
 
-def row_line(name, label, runs_dir, saved=None):
+def row_line(name, label, records):
     """A row of the tables: its finished seeds' cells, median wall time and command."""
-    runs = finished_runs(name, runs_dir, saved)
+    runs = finished_runs(name, records)
     command = f"`{row_command(name)}`"
     if not runs:
         return f"| {label} | 0 of {len(seeds_of(name))} | not run yet | | | | | {command} |"
@@ -242,11 +235,11 @@ def row_line(name, label, runs_dir, saved=None):
     return f"| {label} | {len(runs)} of {len(seeds_of(name))} | {' | '.join(cells)} | {minutes:.1f} | {command} |"
 
 
-def markdown_table(runs_dir, saved=None):
+def markdown_table(records):
     lines = []
     for title, rows in SECTIONS:
         lines += ["", f"**{title}**", "", *TABLE_HEADER]
-        lines += [row_line(name, label, runs_dir, saved) for name, label, _ in rows]
+        lines += [row_line(name, label, records) for name, label, _ in rows]
     return "\n".join(lines[1:])
 
 
@@ -267,11 +260,11 @@ def verdict(a, b, exact=()):
     return "within seed noise"
 
 
-def claim_lines(runs_dir, saved=None):
+def claim_lines(records):
     lines = ["| claim | A | B | A − B | verdict |", "| --- | --- | --- | --- | --- |"]
     for claim, (row_a, score_a), (row_b, score_b) in CLAIMS:
-        a = [dev[score_a] for dev, _ in finished_runs(row_a, runs_dir, saved).values()]
-        b = [dev[score_b] for dev, _ in finished_runs(row_b, runs_dir, saved).values()]
+        a = [dev[score_a] for dev, _ in finished_runs(row_a, records).values()]
+        b = [dev[score_b] for dev, _ in finished_runs(row_b, records).values()]
         said = verdict(a, b, exact=[side for side, row in (("a", row_a), ("b", row_b)) if len(seeds_of(row)) == 1])
         difference = f"{statistics.mean(a) - statistics.mean(b):+.3f}" if a and b else ""
         lines.append(f"| {claim} | {row_a} {score_a}: {cell(a) or '–'} ({len(a)}) | {row_b} {score_b}: "
@@ -311,14 +304,14 @@ def spliced(text, marker, body):
     return text[:begins[0].end()] + body + "\n" + text[end:]
 
 
-def pages(runs_dir, saved):
+def pages(records):
     """{path: new text}: the tables, verdicts and history in results/README.md, the main command's
     row in the README's front door."""
     page = PAGE.read_text()
-    for marker, body in (("table.py study", markdown_table(runs_dir, saved)),
-                         ("table.py claims", claim_lines(runs_dir, saved)), ("table.py history", history_table())):
+    for marker, body in (("table.py study", markdown_table(records)),
+                         ("table.py claims", claim_lines(records)), ("table.py history", history_table())):
         page = spliced(page, marker, body)
-    headline = "\n".join([*TABLE_HEADER, row_line("main", "the main command", runs_dir, saved)])
+    headline = "\n".join([*TABLE_HEADER, row_line("main", "the main command", records)])
     return {PAGE: page, FRONT_DOOR: spliced(FRONT_DOOR.read_text(), "table.py headline", headline)}
 
 
@@ -340,10 +333,15 @@ def saved_args(out_dir):
     return args
 
 
+def by_run(records):
+    return {(r["row"], r["seed"]): r for r in records}
+
+
 def runs_record(runs_dir, saved_before):
-    """One record per finished run. A run not in runs_dir keeps its record from `saved_before`
-    ((row, seed) -> record): runs/ is not part of the repository, and a fresh clone must not
-    wipe the saved results."""
+    """One record per finished run: from its own files in runs_dir, else its record in
+    `saved_before` ((row, seed) -> record), since runs/ is not part of the repository, and a
+    fresh clone must neither lose the saved results nor print tables without them. A run being
+    re-run (its folder there, its scores.json not yet) keeps its record until it finishes."""
     records = []
     for name in FLAGS:
         for seed in seeds_of(name):
@@ -388,17 +386,15 @@ def main():
         for name in only:  # in the order given, each row's seeds in turn
             for seed in [seed for seed in seeds_of(name) if str(seed) in seeds]:
                 run_one(name, seed, runs_dir, data_dir)
-    saved = {(r["row"], r["seed"]): r for r in read_records(STUDY_RUNS)}
+    records = runs_record(runs_dir, by_run(read_records(STUDY_RUNS)))
     if args.write_runs or args.write_pages:  # the pages show what the records say (tests/test_results_table.py)
-        records = runs_record(runs_dir, saved)
         STUDY_RUNS.write_text("".join(json.dumps(r) + "\n" for r in records))
-        saved = {(r["row"], r["seed"]): r for r in records}
         print(f"wrote {STUDY_RUNS.relative_to(ROOT)} ({len(records)} runs)", file=sys.stderr)
-    print(markdown_table(runs_dir, saved))
+    print(markdown_table(by_run(records)))
     print()
-    print(claim_lines(runs_dir, saved))
+    print(claim_lines(by_run(records)))
     if args.write_pages:
-        for path, text in pages(runs_dir, saved).items():
+        for path, text in pages(by_run(records)).items():
             path.write_text(text)
         print(f"wrote the tables into {PAGE.relative_to(ROOT)} and {FRONT_DOOR.relative_to(ROOT)}", file=sys.stderr)
 

@@ -74,7 +74,8 @@ def test_the_tables_are_seed_means_of_finished_runs_with_median_times_and_mark_t
     for seed, sst, seconds in ((11711, 0.46, 600.0), (1, 0.48, 660.0), (2, 0.47, 1800.0)):  # seed 2: paused
         write_run(tmp_path / f"main-seed{seed}", {"sst": sst, "para": 0.84, "sts": 0.88}, sst + 0.3, seconds)
     write_run(tmp_path / "sst-alone-seed2", {"sst": 0.50}, 0.50, 120.0)
-    lines = table.markdown_table(tmp_path).splitlines()
+    records = table.by_run(table.runs_record(tmp_path, {}))
+    lines = table.markdown_table(records).splitlines()
     main_row = next(line for line in lines if line.startswith("| AdamW (the main command) |"))
     assert "| 3 of 3 | 0.470 ± 0.010 | 0.840 ± 0.000 | 0.880 ± 0.000 | 0.770 ± 0.010 | 11.0 |" in main_row
     alone_row = next(line for line in lines if line.startswith("| SST, finetune |"))
@@ -82,7 +83,7 @@ def test_the_tables_are_seed_means_of_finished_runs_with_median_times_and_mark_t
     sections_with_main = sum(1 for _, rows in table.SECTIONS for name, _, _ in rows if name == "main")
     sections_with_sst_alone = sum(1 for _, rows in table.SECTIONS for name, _, _ in rows if name == "sst-alone")
     assert sum("not run yet" in line for line in lines) == len(ROWS) - sections_with_main - sections_with_sst_alone
-    claims = table.claim_lines(tmp_path).splitlines()
+    claims = table.claim_lines(records).splitlines()
     trails = next(line for line in claims if line.startswith("| The multi-task model trails the single-task one: SST"))
     assert "sst-alone sst: 0.500 (1) | main sst: 0.470 ± 0.010 (3) | +0.030 | not enough seeds yet |" in trails
 
@@ -110,8 +111,8 @@ def test_the_pages_show_what_the_saved_runs_say(tmp_path):
     """What `--write_pages` writes from results/study-runs.jsonl alone (no runs folder, as in a
     fresh clone) is what results/README.md and the README hold: no page shows a number its
     records do not, and no record is missing from the pages."""
-    saved = {(r["row"], r["seed"]): r for r in SAVED_RUNS}
-    for path, text in table.pages(tmp_path / "no-runs", saved).items():
+    records = table.by_run(table.runs_record(tmp_path / "no-runs", table.by_run(SAVED_RUNS)))
+    for path, text in table.pages(records).items():
         assert text == path.read_text(), f"{path.name} is not what its records say: run results/table.py --write_pages"
 
 
@@ -126,9 +127,9 @@ def test_the_generated_parts_lie_between_their_markers_and_nothing_else_changes(
 
 def test_a_runs_own_files_count_before_its_saved_record(tmp_path):
     write_run(tmp_path / "main-seed1", {"sst": 0.40, "para": 0.80, "sts": 0.85}, 0.70, 600.0)
-    record = lambda sst: {"best": {"dev": {"sst": sst, "para": 0.8, "sts": 0.85}, "overall": 0.7, "seconds": 60.0},
-                          "epochs": []}
-    saved = {("main", 1): record(0.99), ("main", 2): record(0.50)}
-    runs = table.finished_runs("main", tmp_path, saved)
+    record = lambda seed, sst: {"row": "main", "seed": seed, "epochs": [],
+                                "best": {"dev": {"sst": sst, "para": 0.8, "sts": 0.85}, "overall": 0.7, "seconds": 60.0}}
+    saved = {("main", 1): record(1, 0.99), ("main", 2): record(2, 0.50)}
+    runs = table.finished_runs("main", table.by_run(table.runs_record(tmp_path, saved)))
     assert sorted(runs) == [1, 2] and runs[1][0]["sst"] == 0.40 and runs[2] == (saved["main", 2]["best"]["dev"]
                                                                                  | {"overall": 0.7}, 1.0)
