@@ -224,10 +224,9 @@ def encoder_batches(datas, batch_size, n_batches):
 def naive_collate(examples, tokenizer, length=128, device=torch.device("cpu")):
     """A first DataLoader collate_fn: tokenise the batch's texts now, pad every batch to `length`,
     copy it to the device (from pinned memory on CUDA, as DataLoader(pin_memory=True) would)."""
-    move = lambda t: t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
-    inputs = tokenizer([e.text for e in examples], max_length=length)
-    inputs = {k: move(F.pad(v, (0, length - v.shape[1]), value=0)) for k, v in inputs.items()}  # pad: 0
-    return {"inputs": [inputs], "labels": move(torch.tensor([e.label for e in examples]))}
+    inputs = tokenizer([e.text for e in examples], max_length=length)  # padded below with 0: pad id, type, mask
+    inputs = {k: tasks.to_device(F.pad(v, (0, length - v.shape[1]), value=0), device) for k, v in inputs.items()}
+    return {"inputs": [inputs], "labels": tasks.to_device(torch.tensor([e.label for e in examples]), device)}
 
 
 # ----------------------------------------------------------------------------- the tables

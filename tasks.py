@@ -179,11 +179,11 @@ class TaskData:
                               [tokenizer.encode_with_types(e.pair, max_length=max_length) for e in examples]]
         else:
             self.encodings = [[tokenizer.encode_with_types(e.text, e.pair, max_length=max_length) for e in examples]]
-        # the cost of an example is its longest sequence: what batches are bucketed by
-        self.lengths = [max(len(enc[i][0]) for enc in self.encodings) for i in range(len(examples))]
-        self.labels = [e.label for e in examples]
         # per sequence (sts has two an example): each one's length, on the host and on the device
         self.sequence_lengths = [[len(ids) for ids, _ in enc] for enc in self.encodings]
+        # the cost of an example is its longest sequence: what batches are bucketed by
+        self.lengths = [max(lengths) for lengths in zip(*self.sequence_lengths)]
+        self.labels = [e.label for e in examples]
         self.length_tensors = [torch.tensor(n, dtype=torch.long, device=self.device) for n in self.sequence_lengths]
         self.split_tensors = [self.pad_split(enc) for enc in self.encodings]
         self.label_tensor = None
@@ -207,17 +207,11 @@ class TaskData:
                                    dtype=torch.long, device=self.device).view(len(encodings), width)
                 for name, k, pad in (("input_ids", 0, self.pad_id), ("token_type_ids", 1, 0))}
 
-    def rows(self, indices):
-        """The row numbers as a tensor on the data's device: from pinned memory on CUDA, so that
-        the copy does not wait for the GPU's queued work."""
-        rows = torch.tensor(indices, dtype=torch.long)
-        return rows.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else rows.to(self.device)
-
     def batch(self, indices):
-        """{'inputs': [encoder inputs: one, or sts's two sentences], 'labels': tensor or None}, on the
-        data's device. Each input is the rows `indices`, cut to their longest: padding to the
-        batch's longest, not the split's."""
-        rows, inputs = self.rows(indices), []
+        """{'inputs': [encoder inputs: one, or sts's two sentences], 'labels': tensor or None,
+        'rows': `indices` as a tensor}, on the data's device. Each input is the rows `indices`, cut
+        to their longest: padding to the batch's longest, not the split's."""
+        rows, inputs = to_device(torch.tensor(indices, dtype=torch.long), self.device), []
         for tensors, lengths, length_tensor in zip(self.split_tensors, self.sequence_lengths, self.length_tensors):
             width = self.width(max(lengths[i] for i in indices))  # from the host's copy: the GPU is not asked
             positions = torch.arange(width, device=self.device)
@@ -232,6 +226,12 @@ class TaskData:
         padding), order restored later."""
         order = sorted(range(len(self)) if indices is None else indices, key=self.lengths.__getitem__)
         return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def to_device(tensor, device):
+    """A host tensor copied to `device`: from pinned memory on CUDA, so that the copy does not
+    wait for the GPU's queued work."""
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor.to(device)
 
 
 # ----------------------------------------------------------------------------- heads

@@ -140,9 +140,8 @@ def teacher_predictions(data_dir, tiny, folder, data, bf16=False):
                          ids=lambda more: " ".join(more))
 def test_every_batch_meets_its_own_examples_teacher_targets(tmp_path, data_dir, tiny, teachers, monkeypatch, more):
     """Under every sampler (shuffled, over a seeded --limit sample), the sum (the default) and GLS,
-    SMART and bf16:
-    each step's teacher rows are the ensemble of the two SST teachers (and the STS teacher) for
-    exactly that batch's example ids, and λ rises from 0 with the steps."""
+    SMART and bf16: each step's teacher rows are the ensemble of the two SST teachers (and the STS
+    teacher) for exactly that batch's example ids, and λ rises from 0 with the steps."""
     seen, real_step = [], train.training_step
 
     def recording(args, model, optimizer, regulariser, params, batches, shares, device, gold=1.0):
