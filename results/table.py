@@ -8,9 +8,11 @@
 
 Every row is one train.py command, run once for each seed in SEEDS (`--seed` added), in
 runs/study/<row>-seed<seed>, its log beside it as <row>-seed<seed>.log. A run that has written
-scores.json (train.py's last act) is finished and is not run again; a run stopped part-way is
-continued with --resume, so the script can be stopped and started again at any time, over
-several sessions. Runs go one after another, on purpose: on a 2-core CPU two at once only slow
+scores.json (train.py's last act), or whose record is saved (below), is finished and is not run
+again; a run stopped part-way is continued with --resume, so the script can be stopped and
+started again at any time, over several sessions. A student needs its teachers' checkpoints, not
+their records: a teacher whose folder is gone (a fresh clone has none) runs again first, and its
+new files then replace its saved record. Runs go one after another, on purpose: on a 2-core CPU two at once only slow
 each other down. `--save_every 200` is added to every run (it changes no result, only how much a
 stopped run loses). A row can stand in several sections (the main command is the reference of
 most); it runs once.
@@ -168,8 +170,24 @@ def row_command(name):
     return f"python train.py {FLAGS[name].replace(RUNS, 'runs/study')} --data_dir ../shared/data"
 
 
+def teacher_runs(name):
+    """(row, seed) of each run the row's flags name as a teacher."""
+    return [(row, int(seed)) for row, seed in re.findall(r"\{runs\}/([\w-]+?)-seed(\d+)", FLAGS[name])]
+
+
+def run_unfinished(name, seed, runs_dir, data_dir, saved):
+    """Run one seed of a row unless it is finished (its scores.json, or its record in `saved`),
+    after running again any teacher of it whose folder is gone."""
+    if (runs_dir / run_name(name, seed) / "scores.json").is_file() or (name, seed) in saved:
+        return
+    for teacher in teacher_runs(name):
+        run_one(*teacher, runs_dir, data_dir)
+    run_one(name, seed, runs_dir, data_dir)
+
+
 def run_one(name, seed, runs_dir, data_dir):
-    """Run (or continue) one seed of a row; a failed run stops the script with train.py's error."""
+    """Run (or continue) one seed of a row, unless its folder holds a finished run; a failed run
+    stops the script with train.py's error."""
     out_dir = runs_dir / run_name(name, seed)
     if (out_dir / "scores.json").is_file():
         return
@@ -382,11 +400,12 @@ def main():
     seeds = [str(seed) for seed in SEEDS] if args.seeds is None else args.seeds.split(",")
     if not set(seeds) <= {str(seed) for seed in SEEDS}:
         p.error(f"--seeds: choose from {', '.join(map(str, SEEDS))}")
+    saved = by_run(read_records(STUDY_RUNS))
     if not args.dry_run:
         for name in only:  # in the order given, each row's seeds in turn
             for seed in [seed for seed in seeds_of(name) if str(seed) in seeds]:
-                run_one(name, seed, runs_dir, data_dir)
-    records = runs_record(runs_dir, by_run(read_records(STUDY_RUNS)))
+                run_unfinished(name, seed, runs_dir, data_dir, saved)
+    records = runs_record(runs_dir, saved)
     if args.write_runs or args.write_pages:  # the pages show what the records say (tests/test_results_table.py)
         STUDY_RUNS.write_text("".join(json.dumps(r) + "\n" for r in records))
         print(f"wrote {STUDY_RUNS.relative_to(ROOT)} ({len(records)} runs)", file=sys.stderr)

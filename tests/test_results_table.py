@@ -133,3 +133,24 @@ def test_a_runs_own_files_count_before_its_saved_record(tmp_path):
     runs = table.finished_runs("main", table.by_run(table.runs_record(tmp_path, saved)))
     assert sorted(runs) == [1, 2] and runs[1][0]["sst"] == 0.40 and runs[2] == (saved["main", 2]["best"]["dev"]
                                                                                  | {"overall": 0.7}, 1.0)
+
+
+def test_a_saved_run_is_not_run_again_unless_a_student_needs_its_checkpoint(tmp_path, monkeypatch):
+    """In a fresh clone (saved records, no runs folder) the script runs only what has no record;
+    a student's teachers run again first, once, because a student learns from their files."""
+    ran = []
+
+    def fake_train(argv, **_):  # stands in for train.py: a finished run is a folder with scores.json
+        out_dir = Path(argv[argv.index("--out_dir") + 1])
+        ran.append(out_dir.name)
+        out_dir.mkdir(parents=True)
+        (out_dir / "scores.json").write_text("{}")
+        return 0
+
+    monkeypatch.setattr(table.subprocess, "call", fake_train)
+    teachers = [(f"{task}-alone", 11711) for task in ("sst", "para", "sts")]
+    saved = {run: {} for run in [*teachers, ("student-mix", 11711), ("main", 1)]}
+    for name, seed in [("main", 1), ("student-mix", 11711), ("student-mix", 1), ("student-anneal", 1)]:
+        table.run_unfinished(name, seed, tmp_path, tmp_path, saved)
+    assert ran == ["sst-alone-seed11711", "para-alone-seed11711", "sts-alone-seed11711",
+                   "student-mix-seed1", "student-anneal-seed1"]
