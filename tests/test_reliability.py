@@ -28,7 +28,8 @@ import torch
 
 import train
 from bert import BertModel, CheckpointError, read_safetensors
-from conftest import make_tiny_checkpoint, poisoned_task_loss, read_metrics, snapshot, write_safetensors
+from conftest import (assert_identical, assert_same_run, make_tiny_checkpoint, poisoned_task_loss, read_metrics,
+                      snapshot, write_safetensors)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -430,40 +431,6 @@ def uninterrupted(tmp_path_factory, data_dir, tiny):
     out_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
     train.main(run_flags(data_dir, tiny, out_dir))
     return out_dir
-
-
-def assert_identical(a, b, where="last.pt"):
-    """Nested dicts/lists of tensors and plain values, equal bit for bit."""
-    assert type(a) is type(b), where
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_identical(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, list):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_identical(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and torch.equal(a, b), where
-    else:
-        assert a == b, where
-
-
-def assert_same_run(expected_dir, out_dir):
-    """Same files, same metrics (but for 'seconds'), same best.pt, same last.pt (weights, AdamW and
-    SMART state, RNG state, progress) but for the flags, same predictions."""
-    assert sorted(os.listdir(out_dir)) == sorted(os.listdir(expected_dir))
-    assert read_metrics(out_dir) == read_metrics(expected_dir)
-    load = lambda path: torch.load(path, weights_only=True)
-    assert_identical(load(out_dir / "best.pt"), load(expected_dir / "best.pt"), "best.pt")
-    last, expected = load(out_dir / "last.pt"), load(expected_dir / "last.pt")
-    for state in (last, expected):
-        del state["args"]
-        for record in state["progress"]["history"]:
-            del record["seconds"]
-    assert_identical(last, expected)
-    for path in (expected_dir / "predictions").iterdir():
-        assert (out_dir / "predictions" / path.name).read_text() == path.read_text()
 
 
 def test_same_seed_on_the_same_cpu_gives_the_same_run_bit_for_bit(tmp_path, data_dir, tiny, uninterrupted):
