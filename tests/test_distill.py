@@ -136,12 +136,14 @@ def teacher_predictions(data_dir, tiny, folder, data, bf16=False):
 
 @pytest.mark.parametrize("more", [["--sampler", "roundrobin"], ["--sampler", "sequential", "--loss", "gls"],
                                   ["--sampler", "break"], ["--sampler", "proportional"],
-                                  ["--sampler", "roundrobin", "--smart"], ["--sampler", "roundrobin", "--precision", "bf16"]],
+                                  ["--sampler", "roundrobin", "--smart"], ["--sampler", "roundrobin", "--precision", "bf16"],
+                                  ["--sampler", "roundrobin", "--distill_anneal", "none", "--distill_weight", "0.3"]],
                          ids=lambda more: " ".join(more))
 def test_every_batch_meets_its_own_examples_teacher_targets(tmp_path, data_dir, tiny, teachers, monkeypatch, more):
     """Under every sampler (shuffled, over a seeded --limit sample), the sum (the default) and GLS,
     SMART and bf16: each step's teacher rows are the ensemble of the two SST teachers (and the STS
-    teacher) for exactly that batch's example ids, and λ rises from 0 with the steps."""
+    teacher) for exactly that batch's example ids, and λ rises from 0 with the steps (or, with
+    --distill_anneal none, stays at 1 - --distill_weight)."""
     seen, real_step = [], train.training_step
 
     def recording(args, model, optimizer, regulariser, params, batches, shares, device, gold=1.0):
@@ -171,7 +173,10 @@ def test_every_batch_meets_its_own_examples_teacher_targets(tmp_path, data_dir, 
         # at random, so there the check is only that the task had steps to check
         assert checked >= (1 if "proportional" in more else len(data))
     golds = [gold for _, gold in seen]
-    assert golds[0] == 0 and golds == sorted(golds) and golds[-1] < 1  # λ = done, from the first step on
+    if "none" in more:
+        assert golds == [pytest.approx(0.7)] * len(seen)
+    else:
+        assert golds[0] == 0 and golds == sorted(golds) and golds[-1] < 1  # λ = done, from the first step on
     saved = torch.load(out_dir / "teachers.pt", weights_only=True)
     assert sorted(saved) == ["sst", "sts"] and len(saved["sst"]) == 30
 

@@ -273,7 +273,7 @@ def as_bytes(tensor):
 
 
 def test_write_safetensors_is_read_back_by_both_readers_and_reads_what_they_write(tmp_path):
-    safetensors_torch = pytest.importorskip("safetensors.torch")
+    import safetensors.torch as safetensors_torch  # the reference reader (requirements-dev.txt)
     tensors = {"f32": torch.randn(3, 4), "f16": torch.randn(5).half(), "bf16": torch.randn(2, 3).bfloat16(),
                "i64": torch.arange(7), "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5),
                "empty": torch.zeros(0, 3)}

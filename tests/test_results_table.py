@@ -111,6 +111,7 @@ def test_the_pages_show_what_the_saved_runs_say(tmp_path):
     """What `--write_pages` writes from results/study-runs.jsonl alone (no runs folder, as in a
     fresh clone) is what results/README.md and the README hold: no page shows a number its
     records do not, and no record is missing from the pages."""
+    assert SAVED_RUNS  # else the saved-run tests above would be skipped, not failed
     records = table.by_run(table.runs_record(tmp_path / "no-runs", table.by_run(SAVED_RUNS)))
     for path, text in table.pages(records).items():
         assert text == path.read_text(), f"{path.name} is not what its records say: run results/table.py --write_pages"

@@ -189,6 +189,16 @@ def test_length_bucketing_cuts_padding_versus_random_batches(sst_lengths):
     assert padding_tokens(bucketed, sst_lengths) < padding_tokens(random_batches, sst_lengths) / 5
 
 
+def test_length_bucketed_batches_come_in_random_order_not_short_to_long(sst_lengths):
+    """No curriculum: the batches of a chunk are shuffled among all the others, so a batch is as
+    often shorter as longer than the one before it (sorted chunks would give a drop only where a
+    chunk ends, at most 5 of 266 times)."""
+    batches = length_bucketed_batches(sst_lengths, 32, random.Random(0))
+    longest = [max(sst_lengths[i] for i in batch) for batch in batches]
+    drops = sum(b < a for a, b in zip(longest, longest[1:]))
+    assert len(batches) / 3 < drops < 2 * len(batches) / 3
+
+
 def test_length_bucketed_batches_change_with_the_seed_and_not_without():
     length_rng = random.Random(7)
     lengths = [length_rng.randint(3, 60) for _ in range(500)]

@@ -121,6 +121,22 @@ def test_single_task_pretrain_only_trains_the_head(tmp_path, data_dir):
     assert all(not torch.equal(state[k], untrained.state_dict()[k]) for k in ("heads.cfimdb.weight", "heads.cfimdb.bias"))
 
 
+def test_the_optimizer_and_smart_flags_reach_what_they_build():
+    import torch
+    import optim
+    model = torch.nn.Linear(3, 2)
+    args = train.parse_args(["--optimizer", "adabelief", "--lr", "3e-5", "--weight_decay", "0.02", "--no-fused_optimizer",
+                             "--smart", "--smart_lambda", "2", "--smart_eps", "1e-3", "--smart_sigma", "2e-5",
+                             "--smart_step", "4e-3", "--smart_steps", "3", "--bregman_mu", "0.5", "--bregman_beta", "0.9"])
+    optimizer = train.build_optimizer(args, model)
+    assert type(optimizer) is optim.AdaBelief and not optimizer.fused
+    assert [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [(3e-5, 0.02)]
+    r = train.build_regulariser(args, model)
+    assert (r.lambda_s, r.eps, r.sigma, r.step_size, r.n_steps, r.mu, r.beta) == (2, 1e-3, 2e-5, 4e-3, 3, 0.5, 0.9)
+    assert type(train.build_optimizer(train.parse_args(["--no-fused_optimizer"]), model)) is optim.AdamW
+    assert train.build_regulariser(train.parse_args([]), model) is None
+
+
 def test_fused_optimizer_trains_like_the_eager_one(tmp_path, data_dir):
     # optim.py's tests hold the compiled update equal to the eager one; here train.py wires it in.
     flags = ["--tasks", "sst", "--limit", "48", "--eval_limit", "48", "--epochs", "1", "--lr", "1e-4",
@@ -220,10 +236,37 @@ def test_eval_only_never_overwrites_a_run(tmp_path, data_dir, monkeypatch):
     assert run_files(run_dir) == before
 
 
+def released_encoder_sts_predictions(examples):
+    """5·cos, clipped to 0..5, of each pair's mean-pooled token vectors from transformers' BertModel
+    on the released checkpoint: what scoring the encoder as released means, computed independently."""
+    import torch
+    import transformers
+    checkpoint = str(train.default_checkpoint_path())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    model = transformers.BertModel.from_pretrained(checkpoint).eval()
+
+    def embedded(texts):
+        encoded = tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        with torch.no_grad():
+            tokens = model(**encoded).last_hidden_state
+        mask = encoded["attention_mask"].unsqueeze(-1).float()
+        return (tokens * mask).sum(1) / mask.sum(1)
+    cosines = torch.nn.functional.cosine_similarity(embedded([e.text for e in examples]),
+                                                    embedded([e.pair for e in examples]), dim=-1)
+    return (5 * cosines).clamp(0, 5)
+
+
 def test_eval_only_without_a_checkpoint_scores_the_encoder_as_released(tmp_path, data_dir):
-    # The STS head has no weights, so this is the checkpoint's zero-shot STS score (the study's
-    # "pretrain" row for STS); all-MiniLM-L6-v2 was trained for sentence similarity, so r is high.
-    out_dir, scores = run(tmp_path, data_dir, "--tasks", "sts", "--eval_only", "--eval_limit", "200")
-    assert scores["sts"] > 0.75
+    """The STS head has no weights, so this is the checkpoint's zero-shot STS score (the study's
+    "pretrain" row for STS): each prediction is transformers' 5·cos, and r is theirs to 1e-5."""
+    import torch
+    out_dir, scores = run(tmp_path, data_dir, "--tasks", "sts", "--eval_only", "--eval_limit", "200",
+                          "--precision", "fp32")
+    examples = tasks.read_examples(data_dir, "sts", "dev")[:200]
+    expected = released_encoder_sts_predictions(examples)
+    rows = [line.split(" , ") for line in (out_dir / "predictions" / "sts-dev-output.csv").read_text().splitlines()[1:]]
+    assert [r[0] for r in rows] == [e.id for e in examples]
+    # the file holds 4 decimals: each row within their rounding (5e-5) and the forward's 1e-5
+    torch.testing.assert_close(torch.tensor([float(r[1]) for r in rows]), expected, rtol=0, atol=6e-5)
+    assert scores["sts"] == pytest.approx(tasks.pearson_r(expected, [e.label for e in examples]), abs=1e-5)
     assert json.loads((out_dir / "scores.json").read_text())["dev"] == scores
-    assert len((out_dir / "predictions" / "sts-dev-output.csv").read_text().splitlines()) == 201
