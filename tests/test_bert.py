@@ -3,8 +3,10 @@ checkpoint and real batches, in outputs and in gradients, and the loader takes e
 variant of released BERT checkpoints while refusing broken ones."""
 import csv
 import json
+import re
 import shutil
 import struct
+from dataclasses import fields
 
 import pytest
 import torch
@@ -142,10 +144,41 @@ def test_inputs_embeds_is_the_word_embedding_path(ours, real_batches):
     torch.testing.assert_close(by_ids["last_hidden_state"], by_embeds["last_hidden_state"], rtol=0, atol=0)
 
 
-def test_config_is_read_from_the_checkpoint(checkpoint_dir):
-    config = BertConfig.from_json(checkpoint_dir / "config.json")
-    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (6, 384, 12)
-    assert config.vocab_size == 30522 and config.intermediate_size == 1536
+def test_config_is_read_from_the_checkpoint_as_transformers_reads_it(checkpoint_dir):
+    ours = BertConfig.from_json(checkpoint_dir / "config.json")
+    theirs = transformers.BertConfig.from_pretrained(checkpoint_dir)
+    for field in fields(BertConfig):
+        if field.name != "attention":  # ours alone: which attention code runs
+            assert getattr(ours, field.name) == getattr(theirs, field.name), field.name
+
+
+@pytest.mark.parametrize("change, complaint", [
+    ({"hidden_act": "relu"}, "hidden_act 'relu' is not supported"),
+    ({"hidden_act": "gelu_new"}, "hidden_act 'gelu_new' is not supported"),  # tanh GELU: close, not the same
+    ({"position_embedding_type": "relative_key"}, "only absolute position embeddings"),
+    ({"num_attention_heads": 5}, "hidden_size 384 is not divisible by num_attention_heads 5"),
+    ({"hidden_dropout_prob": 1.0}, "hidden_dropout_prob 1.0 is not a valid value"),
+    ({"layer_norm_eps": 0}, "layer_norm_eps 0 is not a valid value"),
+    ({"pad_token_id": 30522}, "pad_token_id 30522 is not below vocab_size 30522"),
+])
+def test_a_config_this_encoder_cannot_run_is_refused(checkpoint_dir, tmp_path, change, complaint):
+    config = {**json.loads((checkpoint_dir / "config.json").read_text()), **change}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=re.escape(complaint)):
+        BertConfig.from_json(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("damage, complaint", [
+    (lambda state: state.update(extra=torch.zeros(3)), "unexpected weight 'extra'"),
+    (lambda state: state.update({"pooler.dense.bias": torch.zeros(384, dtype=torch.int64)}), "not a float type"),
+])
+def test_a_weight_the_encoder_has_no_place_for_is_refused(checkpoint_dir, tmp_path, damage, complaint):
+    state = read_safetensors(checkpoint_dir / "model.safetensors")
+    damage(state)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    shutil.copy(checkpoint_dir / "config.json", tmp_path / "config.json")
+    with pytest.raises(CheckpointError, match=complaint):
+        BertModel.from_pretrained(tmp_path)
 
 
 # ----------------------------------------------------------------------------- loading variants

@@ -137,6 +137,30 @@ def test_the_optimizer_and_smart_flags_reach_what_they_build():
     assert train.build_regulariser(train.parse_args([]), model) is None
 
 
+def test_the_sampler_flags_shape_the_epoch_plan():
+    """--sampler and --alpha reach the plan: SST has 25 batches of 32 and PARA 3, so sequential
+    gives 25 SST steps then 3 PARA ones, and proportional draws its 28 steps about 25:3 at alpha 1
+    and about 1:1 at alpha 0."""
+    from types import SimpleNamespace
+    data = {"sst": SimpleNamespace(lengths=[8] * 800), "para": SimpleNamespace(lengths=[8] * 96)}
+    tasks_of = lambda *flags: [task for step in train.epoch_plan(train.parse_args(list(flags)), data, 0) for task in step]
+    assert tasks_of("--sampler", "sequential") == ["sst"] * 25 + ["para"] * 3
+    assert tasks_of("--sampler", "roundrobin") == ["sst", "para"] * 25
+    proportional = [tasks_of("--sampler", "proportional", "--alpha", alpha, "--seed", str(seed)).count("para")
+                    for alpha in ("1", "0") for seed in range(20)]
+    assert sum(proportional[:20]) / 20 < 5 < sum(proportional[20:]) / 20  # expected 3.0 and 14.0 of 28
+
+
+def test_clip_grad_is_the_max_norm_each_step_clips_to(tmp_path, data_dir, monkeypatch):
+    import optim
+    max_norms, clip = [], optim.clip_grad_norm
+    monkeypatch.setattr(optim, "clip_grad_norm", lambda params, max_norm: (max_norms.append(max_norm), clip(params, max_norm))[1])
+    for flags in (["--clip_grad", "0.5"], []):
+        run(tmp_path, data_dir, "--tasks", "sst", "--limit", "16", "--eval_limit", "8", "--epochs", "1", "--batch_size", "8",
+            *flags, name=f"clip{len(flags)}")
+    assert max_norms == [0.5, 0.5, math.inf, math.inf]  # off: no clipping, but the norm is still checked finite
+
+
 def test_fused_optimizer_trains_like_the_eager_one(tmp_path, data_dir):
     # optim.py's tests hold the compiled update equal to the eager one; here train.py wires it in.
     flags = ["--tasks", "sst", "--limit", "48", "--eval_limit", "48", "--epochs", "1", "--lr", "1e-4",
