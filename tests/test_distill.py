@@ -269,6 +269,9 @@ def bad_teachers(tmp_path, teachers, data_dir):
     scores = json.loads((changed / "scores.json").read_text())
     scores["fingerprint"]["train_files"]["sst"] = "f" * 64
     replace_file(changed, "scores.json", json.dumps(scores))
+    damaged = replace_file(copy("damaged"), "args.json", '{"tasks": ["sst"')
+    scored_only = copy("scored-only")  # what --eval_only leaves: scores, but no training behind them
+    replace_file(scored_only, "args.json", json.dumps({**json.loads((scored_only / "args.json").read_text()), "eval_only": True}))
     return {
         "not a finished run": (["--teachers", str(unfinished)], r"unfinished: not a finished train\.py run \(no scores\.json\)"),
         "another checkpoint": (["--teachers", str(other_vocab)], r"trained from another checkpoint or vocabulary"),
@@ -276,13 +279,16 @@ def bad_teachers(tmp_path, teachers, data_dir):
                                               r"teaches sst, which the student does not train"),
         "a changed training file": (["--teachers", str(changed)], r"the sst training file has changed since"),
         "not a folder": (["--teachers", str(tmp_path / "nowhere")], r"nowhere: not a finished train\.py run"),
+        "a damaged args.json": (["--teachers", str(damaged)], r"damaged: args\.json or scores\.json is not valid JSON"),
+        "an --eval_only run": (["--teachers", str(scored_only)], r"scored-only: not a training run of this train\.py"),
         "a fold without its twin": (["--teachers", str(teachers / "sst-fold0")],
                                     r"give no sst target for example '.*' \(and \d+ more\): give a --fold teacher"),
     }
 
 
 @pytest.mark.parametrize("case", ["not a finished run", "another checkpoint", "a task the student does not train",
-                                  "a changed training file", "not a folder", "a fold without its twin"])
+                                  "a changed training file", "not a folder", "a damaged args.json", "an --eval_only run",
+                                  "a fold without its twin"])
 def test_a_teacher_that_does_not_fit_is_one_line_exit_2_and_nothing_written(tmp_path, data_dir, tiny, bad_teachers,
                                                                              case):
     more, message = bad_teachers[case]
