@@ -172,6 +172,13 @@ def test_max_length_too_small_for_special_tokens_is_an_error(tokenizer):
         tokenizer.encode("a b", "c", max_length=2)
 
 
+def test_a_batch_with_no_texts_or_with_pairs_that_do_not_match_is_an_error(tokenizer):
+    with pytest.raises(ValueError, match="no texts to encode"):
+        tokenizer([])
+    with pytest.raises(ValueError, match="got 2 texts but 1 pairs"):
+        tokenizer(["a", "b"], ["c"])
+
+
 # --- batches and decoding ------------------------------------------------------------------------
 
 def test_batch_pads_like_the_python_reference(tokenizer, slow, data_dir):
