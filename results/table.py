@@ -12,8 +12,8 @@ scores.json (train.py's last act), or whose record is saved (below), is finished
 again; a run stopped part-way is continued with --resume, so the script can be stopped and
 started again at any time, over several sessions. A student needs its teachers' checkpoints, not
 their records: a teacher whose folder is gone (a fresh clone has none) runs again first, and its
-new files then replace its saved record. Runs go one after another, on purpose: on a 2-core CPU two at once only slow
-each other down. `--save_every 200` is added to every run (it changes no result, only how much a
+new files then replace its saved record. Runs go one after another, on purpose: on a 2-core CPU
+two at once only slow each other down. `--save_every 200` is added to every run (it changes no result, only how much a
 stopped run loses). A row can stand in several sections (the main command is the reference of
 most); it runs once.
 
