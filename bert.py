@@ -52,9 +52,9 @@ class BertConfig:
     attention_probs_dropout_prob: float = 0.1
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
-    # "sdpa": torch's fused scaled_dot_product_attention; "manual": the same maths written out.
-    # Both are tested equal; sdpa is faster and uses less memory.
-    attention: str = "sdpa"
+    # "sdpa": torch's fused scaled_dot_product_attention; "manual": the same maths written out;
+    # "auto": sdpa on a GPU, written out on the CPU (see SelfAttention). Both are tested equal.
+    attention: str = "auto"
 
     @classmethod
     def from_json(cls, path):
@@ -155,19 +155,21 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)  # W_q, W_k, W_v stacked
         self.out = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
-        self.use_sdpa = config.attention == "sdpa"
+        self.attention = config.attention
 
     def forward(self, h, mask_bias):
         B, T, H = h.shape
         # (B, T, 3H) -> three (B, heads, T, head_dim) tensors
         q, k, v = self.qkv(h).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         dropout_p = self.dropout_p if self.training else 0.0
-        # On the CPU the same maths is written out wherever a gradient will flow back: sdpa's dropout
-        # draws a number per element there (see `dropout`), and its fused kernel, the faster forward
-        # (1.3 ms against 2.1 for a batch of 32 x 26 tokens in bf16), has a backward 4-5 times slower
-        # than the written-out one's (13.6 ms against 2.6; at 128 tokens 62 against 22), which is
-        # what SMART's dropout-free passes ran into. So there sdpa serves forward-only passes.
-        if self.use_sdpa and (h.device.type != "cpu" or (dropout_p == 0 and not torch.is_grad_enabled())):
+        # On the CPU ("auto") the same maths is written out. There sdpa's fused kernel has a backward
+        # 4-5 times slower (13.6 ms against 2.6 for a batch of 32 x 26 tokens in bf16; at 128 tokens
+        # 62 against 22), which SMART's dropout-free passes ran into; its dropout draws a number per
+        # element (see `dropout`); and its faster forward alone (1.3 ms against 2.1) does not make the
+        # dev passes faster (the three dev sets: 10.6-11.7 s written out, 11.3-12.5 s with sdpa). One
+        # path for every pass also keeps two forwards of the same weights equal to the bit (SMART's
+        # teacher starts as the model).
+        if self.attention == "sdpa" or (self.attention == "auto" and h.device.type != "cpu"):
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_bias, dropout_p=dropout_p)
         else:
             scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim) + mask_bias

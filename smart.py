@@ -49,9 +49,9 @@ teacher forward under no_grad, K backward passes to the perturbation, and a trai
 through two more graphs, against one forward and one backward for a plain step. `python bench.py
 --only smart` times the two (SST batches of 32, all-MiniLM-L6-v2, AdamW); an earlier measurement
 at batch 8 on 2 shared CPU cores gave 3.5-3.8x for a SMART step (K = 1). Those dropout-free passes
-with gradient are why bert.py writes the attention out on the CPU wherever a gradient will flow:
-with sdpa's fused kernel there a SMART step of train.py (bf16, SST batches of 32) took 4.6x a
-plain one (1818-1826 ms), written out 3.1-3.9x (1322-1451 ms), in turns on a noisy machine.
+with gradient are one reason bert.py writes the attention out on the CPU: with sdpa's fused
+kernel there, a SMART step of train.py (bf16, SST batches of 32) took 4.6x a plain one (1818-1826
+ms), written out 3.0-3.9x (1322-1590 ms, four timings), in turns on a noisy machine.
 
 Surprising: at the paper's ε = 1e-5 the adversarial term is small on this checkpoint, whose word
 embeddings have mean |x| ≈ 0.04. Measured on an SST model fine-tuned by `train.py --tasks sst`

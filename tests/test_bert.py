@@ -43,7 +43,7 @@ def reference(request, checkpoint_dir):
 @pytest.mark.parametrize("attention", ["manual", "sdpa"])
 def test_outputs_match_transformers_on_real_batches(ours, reference, real_batches, attention):
     for layer in ours.layers:
-        layer.attention.use_sdpa = attention == "sdpa"
+        layer.attention.attention = attention
     for name, batch in real_batches.items():
         assert (batch["attention_mask"] == 0).any(), f"{name}: the batch should contain padding"
         with torch.no_grad():
@@ -54,7 +54,7 @@ def test_outputs_match_transformers_on_real_batches(ours, reference, real_batche
         torch.testing.assert_close(got["last_hidden_state"][mask], want.last_hidden_state[mask], rtol=0, atol=1e-5)
         torch.testing.assert_close(got["pooler_output"], want.pooler_output, rtol=0, atol=1e-5)
     for layer in ours.layers:
-        layer.attention.use_sdpa = True
+        layer.attention.attention = "auto"
 
 
 def test_gradients_match_transformers_for_every_parameter(checkpoint_dir, real_batches):
@@ -85,32 +85,37 @@ def test_gradients_match_transformers_for_every_parameter(checkpoint_dir, real_b
         torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-4 * want.abs().max().item(), msg=name)
 
 
-def test_on_the_cpu_sdpa_runs_the_forward_only_passes_and_equals_the_written_out_attention(
-        checkpoint_dir, real_batches, monkeypatch):
-    """A pass that will be differentiated, or that drops attention weights, writes the attention
-    out (its backward is the faster one on the CPU, and its dropout is `bert.dropout`); a forward-
-    only pass without dropout runs sdpa's fused kernel, and gives what the written-out maths gives.
-    (The written-out path's gradients are held to transformers' in the test above.)"""
+def test_manual_attention_equals_sdpa_in_outputs_and_gradients(checkpoint_dir, real_batches):
     batch = real_batches["sst single"]
+    grads = {}
+    for attention in ("manual", "sdpa"):  # "sdpa" asked for: on the CPU, "auto" writes it out
+        model = BertModel.from_pretrained(checkpoint_dir, attention=attention, hidden_dropout_prob=0.0,
+                                          attention_probs_dropout_prob=0.0)
+        out = model(**batch)
+        out["pooler_output"].sum().backward()
+        grads[attention] = {n: p.grad for n, p in model.named_parameters()}
+        grads[attention]["_out"] = out["last_hidden_state"].detach()
+    # sdpa's kernel sums the softmax and the weighted values in another order: 3 of the batch's
+    # 276,480 outputs differ by 1e-5 to 2e-5 (measured), the rest by less
+    torch.testing.assert_close(grads["manual"].pop("_out"), grads["sdpa"].pop("_out"), rtol=0, atol=3e-5)
+    for name in grads["sdpa"]:  # summed over the batch's tokens, a gradient adds up more rounding than an output
+        torch.testing.assert_close(grads["manual"][name], grads["sdpa"][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_auto_attention_is_written_out_on_the_cpu_in_every_pass(checkpoint_dir, real_batches, monkeypatch):
+    """Training or not, with a gradient or without, the default never calls sdpa on the CPU (its
+    backward is the slower one there); asked for, sdpa runs once a layer."""
     calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
-    model = BertModel.from_pretrained(checkpoint_dir)
-
-    def sdpa_calls(training, grad):
-        calls.clear()
-        model.train(training)
-        with torch.set_grad_enabled(grad):
-            out = model(**batch)["last_hidden_state"]
-        return len(calls), out.detach()
-    assert sdpa_calls(training=False, grad=True)[0] == 0 and sdpa_calls(training=True, grad=False)[0] == 0
-    n_calls, fused = sdpa_calls(training=False, grad=False)
-    assert n_calls == len(model.layers)
-    manual = BertModel.from_pretrained(checkpoint_dir, attention="manual").eval()
-    with torch.no_grad():
-        written_out = manual(**batch)["last_hidden_state"]
-    # the fused kernel sums the softmax and the weighted values in another order: 3 of the
-    # batch's 276,480 outputs differ by 1e-5 to 2e-5 (measured), the rest by less
-    torch.testing.assert_close(fused, written_out, rtol=0, atol=3e-5)
+    for attention, expected in (("auto", 0), ("sdpa", 1)):
+        model = BertModel.from_pretrained(checkpoint_dir, attention=attention)
+        for training in (True, False):
+            for grad in (True, False):
+                calls.clear()
+                model.train(training)
+                with torch.set_grad_enabled(grad):
+                    model(**real_batches["sst single"])
+                assert len(calls) == expected * len(model.layers), (attention, training, grad)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
