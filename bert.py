@@ -106,9 +106,9 @@ def dropout(x, p, training):
     On a GPU this is F.dropout. On the CPU, F.dropout asks torch's generator for one random
     number per element, and the generator hands them out one call at a time: with the model's
     matmuls in bfloat16, those draws (aten::bernoulli_) were 15% of a train.py step on SST batches
-    of 32 (torch.profiler, with F.dropout making the masks). Here one 64-bit draw is cut into four 16-bit uniforms, a quarter of the
-    calls: a mask of the model's 32 x 26 x 384 shape takes 0.8-1.0 ms against F.dropout's 2.4-3.0,
-    and the step ~10% less. The price: p is rounded to a multiple of 2^-16 (0.1 becomes 0.1000061)."""
+    of 32 (torch.profiler, with F.dropout making the masks). Here one 64-bit draw is cut into four
+    16-bit uniforms, a quarter of the calls: a mask of the model's 32 x 26 x 384 shape takes 0.8-1.0
+    ms against F.dropout's 2.4-3.0, and the step ~10% less. The price: p is rounded to a multiple of 2^-16 (0.1 becomes 0.1000061)."""
     if not training or p == 0:
         return x
     if x.device.type != "cpu":

@@ -13,9 +13,9 @@ again; a run stopped part-way is continued with --resume, so the script can be s
 started again at any time, over several sessions. A student needs its teachers' checkpoints, not
 their records: a teacher whose folder is gone (a fresh clone has none) runs again first, and its
 new files then replace its saved record. Runs go one after another, on purpose: on a 2-core CPU
-two at once only slow each other down. `--save_every 200` is added to every run (it changes no result, only how much a
-stopped run loses). A row can stand in several sections (the main command is the reference of
-most); it runs once.
+two at once only slow each other down. `--save_every 200` is added to every run (it changes no
+result, only how much a stopped run loses). A row can stand in several sections (the main
+command is the reference of most); it runs once.
 
 Each cell is the mean, over the row's finished seeds, of the dev score of each run's best epoch
 (the checkpoint train.py keeps, by the overall score), ± half the spread (max - min) of those
@@ -412,11 +412,12 @@ def main():
     if args.write_runs or args.write_pages:  # the pages show what the records say (tests/test_results_table.py)
         STUDY_RUNS.write_text("".join(json.dumps(r) + "\n" for r in records))
         print(f"wrote {STUDY_RUNS.relative_to(ROOT)} ({len(records)} runs)", file=sys.stderr)
-    print(markdown_table(by_run(records)))
+    runs = by_run(records)
+    print(markdown_table(runs))
     print()
-    print(claim_lines(by_run(records)))
+    print(claim_lines(runs))
     if args.write_pages:
-        for path, text in pages(by_run(records)).items():
+        for path, text in pages(runs).items():
             path.write_text(text)
         print(f"wrote the tables into {PAGE.relative_to(ROOT)} and {FRONT_DOOR.relative_to(ROOT)}", file=sys.stderr)
 
