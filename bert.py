@@ -25,7 +25,7 @@ import importlib.util
 import json
 import math
 import struct
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -55,6 +55,10 @@ class BertConfig:
     # "sdpa": torch's fused scaled_dot_product_attention; "manual": the same maths written out;
     # "auto": sdpa on a GPU, written out on the CPU (see SelfAttention). Both are tested equal.
     attention: str = "auto"
+
+    def __post_init__(self):
+        if self.attention not in ("auto", "sdpa", "manual"):
+            raise ValueError(f"attention {self.attention!r}: expected 'auto', 'sdpa' or 'manual'")
 
     @classmethod
     def from_json(cls, path):
@@ -234,9 +238,8 @@ class BertModel(nn.Module):
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"{path}: checkpoint folder not found")
-        config = BertConfig.from_json(path / "config.json")
-        for name, value in config_overrides.items():
-            setattr(config, name, value)
+        # replace() re-runs the checks of __post_init__ and refuses a name that is not a field
+        config = replace(BertConfig.from_json(path / "config.json"), **config_overrides)
         state, ignored = map_checkpoint_names(read_checkpoint_weights(path))
         with torch.device("meta"):  # shapes only: a damaged config.json must not allocate a huge model
             check_state_fits(cls(config).state_dict(), state, source=path)

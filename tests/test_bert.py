@@ -184,6 +184,15 @@ def test_a_config_this_encoder_cannot_run_is_refused(checkpoint_dir, tmp_path, c
         BertConfig.from_json(tmp_path / "config.json")
 
 
+@pytest.mark.parametrize("overrides, error, complaint", [
+    ({"attention": "flash"}, ValueError, "attention 'flash': expected 'auto', 'sdpa' or 'manual'"),
+    ({"hidden_dropout": 0.3}, TypeError, "hidden_dropout"),  # a misspelt field is not set quietly
+])
+def test_an_override_the_encoder_cannot_use_is_refused(checkpoint_dir, overrides, error, complaint):
+    with pytest.raises(error, match=re.escape(complaint)):
+        BertModel.from_pretrained(checkpoint_dir, **overrides)
+
+
 @pytest.mark.parametrize("damage, complaint", [
     (lambda state: state.update(extra=torch.zeros(3)), "unexpected weight 'extra'"),
     (lambda state: state.update({"pooler.dense.bias": torch.zeros(384, dtype=torch.int64)}), "not a float type"),
