@@ -6,7 +6,7 @@ Transformer encoder of Vaswani et al. (2017) with post-LayerNorm residual blocks
     h_0   = LayerNorm(E_word[x] + E_pos[0..T) + E_type[t])                   (embeddings)
     a_l   = LayerNorm(h_{l-1} + Dropout(MultiHead(h_{l-1}) W_o))            (attention block)
     h_l   = LayerNorm(a_l + Dropout(GELU(a_l W_1) W_2))                      (feed-forward block)
-    MultiHead(h) = concat_k softmax(Q_k K_k^T / sqrt(d_k) + M) V_k           (M = -inf on padding)
+    MultiHead(h) = concat_k softmax(Q_k K_k^T / sqrt(d_k) + M) V_k     (M: the lowest float on padding)
     pooler = tanh(h_L[CLS] W_p)
 
 This module knows nothing of tasks: it maps token ids to hidden states. The one subtle thing
@@ -170,7 +170,7 @@ class SelfAttention(nn.Module):
         # 4-5 times slower (13.6 ms against 2.6 for a batch of 32 x 26 tokens in bf16; at 128 tokens
         # 62 against 22), which SMART's dropout-free passes ran into; its dropout draws a number per
         # element (see `dropout`); and its faster forward alone (1.3 ms against 2.1) does not make the
-        # dev passes faster (the three dev sets: 10.6-11.7 s written out, 11.3-12.5 s with sdpa). One
+        # dev passes faster (the three dev sets in bf16: 5.8-6.4 s written out, 6.0-6.8 s with sdpa). One
         # path for every pass also keeps two forwards of the same weights equal to the bit (SMART's
         # teacher starts as the model).
         if self.attention == "sdpa" or (self.attention == "auto" and h.device.type != "cpu"):
@@ -208,8 +208,18 @@ class BertModel(nn.Module):
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
 
     def word_embeddings(self, input_ids):
-        """E_word[x]: what `inputs_embeds` replaces (SMART perturbs these)."""
-        return self.embeddings.word(input_ids)
+        """E_word[x]: what `inputs_embeds` replaces (SMART perturbs these).
+
+        The table's gradient is vocab x hidden (30,522 x 384 floats, 45 MiB here), of which a
+        batch touches a few hundred rows. Left as it is, the lookup's backward allocates and zeroes
+        all of it at every step: 13-46 ms on the 2-core CPU here, a fresh block that large being
+        handed over by the OS page by page. So once the table holds a dense .grad (train.py keeps
+        one, zeroed between steps), the backward hands over only the rows it touched (sparse=True)
+        and autograd adds them into that buffer: about 1 ms, and the same numbers (tested)."""
+        word = self.embeddings.word
+        into_kept = (word.weight.grad is not None and word.weight.grad.layout == torch.strided
+                     and not torch.compiler.is_compiling())  # the compiler builds dense gradients only
+        return F.embedding(input_ids, word.weight, word.padding_idx, sparse=into_kept)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None):
         if inputs_embeds is None:

@@ -46,8 +46,8 @@ changes nothing; under GLS it does, since GLS weighs task i by GLS / (n L_i): a 
 cannot fall below H(q) keeps a smaller weight, next to the other tasks, than the same task measured
 by its KL: by the factor KL / (KL + H(q)) next to STS, whose squared error has no floor (GLS itself
 and Adam take any common factor away). How large H(q) is: the default single-task teachers' own
-targets (λ = 0) have a mean entropy of 0.87 nats on SST and 0.19 on PARA (H of the mix shrinks as λ
-rises). At the first steps, with a near-uniform student p, SST's KL(q || p) ≈ log 5 - H(q) = 0.74
+targets (λ = 0) have a mean entropy of 0.87 nats on SST and 0.19 on PARA (the mix's H is 0 at λ = 1,
+not always less on the way). At the first steps, with a near-uniform student p, SST's KL(q || p) ≈ log 5 - H(q) = 0.74
 against a cross-entropy of log 5 = 1.61: cross-entropy gives SST under half the weight next to STS
 that KL does, and less as the student learns (the KL falls, H(q) stays until λ rises). Measured
 (the study's student-anneal-ce row against student-anneal, seeds 11711 and 1): cross-entropy

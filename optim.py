@@ -11,7 +11,7 @@ Each update rule is one function on one tensor (`adamw_update`, `adabelief_updat
 equations beside its lines; the optimizers loop over the parameters and call it. Their steps are
 bit for bit those of torch.optim.AdamW(foreach=False) and of adabelief-pytorch 0.2.1. `fused=True`
 passes the same function through torch.compile, which makes it one loop over each tensor: on a
-2-core CPU about 1.3-1.5x the time of torch's fused AdamW kernel, where the eager form takes 5-6x;
+2-core CPU 1.22x the time of torch's fused AdamW kernel, where the eager form takes 3.65x (README);
 train.py uses it wherever it compiles (python bench.py --only optimizer).
 
 Surprises:

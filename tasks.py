@@ -20,8 +20,8 @@ Why these heads:
 - PARA is a cross-encoder: `[CLS] q1 [SEP] q2 [SEP]` lets every token of one question attend
   to every token of the other, which judges "same question?" far better than comparing two
   separate embeddings (Reimers & Gurevych, 2019, Table 1, measure cross- vs bi-encoders).
-  A cross-encoder is not symmetric, though being a paraphrase is; scoring both orders and
-  averaging the two logits was tried and left PARA where it was (0.837 over four seeds), so
+  A cross-encoder is not symmetric, though being a paraphrase is; training on both orders
+  and scoring their mean logit was tried and left PARA where it was (0.837 over four seeds), so
   each pair is encoded once, in the order of the file.
 - STS is a bi-encoder: the cosine of the two sentences' mean-pooled token embeddings. The
   default checkpoint (all-MiniLM-L6-v2) was trained for exactly this, so the head starts good.

@@ -4,7 +4,7 @@ The main job, on the default checkpoint (all-MiniLM-L6-v2) and the shared data:
 
     python train.py --option finetune --loss gls --sampler roundrobin --data_dir ../shared/data
 
-and a smoke run of a few dozen steps per task:
+and a smoke run (7 steps a task, at the default batch of 32):
 
     python train.py --limit 200 --epochs 1 --eval_limit 200 --data_dir ../shared/data
 
@@ -152,7 +152,7 @@ def training_step(args, model, optimizer, regulariser, params, batches, shares, 
     or None when the loss or a gradient is NaN or inf: then the weights stay as they were.
     `shares` is each batch's share of its global batch under torchrun (1.0 in one process); a
     batch with a "teacher" target is distilled, `gold` being the gold label's share (distill.py)."""
-    optimizer.zero_grad(set_to_none=True)
+    zero_gradients(optimizer, model.encoder.embeddings.word.weight)
     with autocast(args, device):
         # the task losses in float32 whatever the autocast: GLS and FLS take their logs
         task_losses = global_means({task: task_loss(task, model(task, b["inputs"]), b["labels"], b.get("teacher"),
@@ -173,6 +173,15 @@ def training_step(args, model, optimizer, regulariser, params, batches, shares, 
     if regulariser is not None:
         regulariser.update_teacher()
     return loss.item()
+
+
+def zero_gradients(optimizer, word_table):
+    """Set every gradient to None, so that a head with no batch this step is not updated, except
+    the word-embedding table's: kept and zeroed, so its lookup adds into it (bert.word_embeddings)."""
+    kept = word_table.grad
+    optimizer.zero_grad(set_to_none=True)
+    if word_table.requires_grad:
+        word_table.grad = torch.zeros_like(word_table) if kept is None else kept.zero_()
 
 
 def task_loss(task, outputs, labels, teacher=None, gold=1.0, kind="kl"):
@@ -637,7 +646,8 @@ def build_parser():
                    help="fraction of the run over which the rate first rises from 0 to --lr (0 = none)")
     g.add_argument("--weight_decay", type=number, default=0.01, help="decoupled weight decay, on every parameter")
     g.add_argument("--clip_grad", type=number, default=0.0, help="max global gradient L2 norm (0 = off)")
-    g.add_argument("--hidden_dropout_prob", type=number, default=0.1, help="dropout in the encoder and heads")
+    g.add_argument("--hidden_dropout_prob", type=number, default=0.1, help="dropout of the encoder's hidden states and before the heads (the attention "
+                   "probabilities keep the checkpoint's, 0.1)")
     g.add_argument("--batch_size", type=int, default=32, help="examples per task per step")
     g.add_argument("--epochs", type=int, default=3, help="passes over the training data (see samplers.py)")
     g.add_argument("--seed", type=int, default=11711, help="fixes the weights of the heads, the batches, dropout")

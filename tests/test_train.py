@@ -74,9 +74,10 @@ def combined_in_float64(task_losses, strategy, focus="para"):
 
 @pytest.mark.parametrize("loss, sampler", [("gls", s) for s in STEPS] + [("sum", "break"), ("fls", "roundrobin")])
 def test_every_sampler_and_loss_strategy_trains(tmp_path, data_dir, sampler, loss, initial_state, monkeypatch):
-    """Each step's loss is its task losses combined by --loss, and the step trains every head."""
+    """Each step's loss is its task losses combined by --loss, and the step trains every head, each
+    only in the steps that have its task."""
     import torch
-    steps, task_losses = [], {}
+    steps, task_losses, tables = [], {}, set()
     task_loss, training_step = train.task_loss, train.training_step
 
     def recorded_task_loss(task, *args):
@@ -86,6 +87,10 @@ def test_every_sampler_and_loss_strategy_trains(tmp_path, data_dir, sampler, los
     def recorded_step(*args):
         task_losses.clear()
         steps.append((training_step(*args), {task: value.item() for task, value in task_losses.items()}))
+        model = args[1]
+        tables.add(model.encoder.embeddings.word.weight.grad.data_ptr())
+        for task, head in model.heads.items():  # a head without a batch has no gradient: not updated
+            assert task in task_losses or all(p.grad is None for p in head.parameters()), task
         return steps[-1][0]
 
     monkeypatch.setattr(train, "task_loss", recorded_task_loss)
@@ -93,6 +98,7 @@ def test_every_sampler_and_loss_strategy_trains(tmp_path, data_dir, sampler, los
     out_dir, scores = run(tmp_path, data_dir, "--limit", "16", "--eval_limit", "16", "--epochs", "1",
                           "--batch_size", "8", "--lr", "1e-4", "--loss", loss, "--sampler", sampler)
     assert len(steps) == STEPS[sampler]
+    assert len(tables) == 1  # the word table's gradient is one buffer, kept from step to step
     for step_loss, step_task_losses in steps:
         assert step_loss == pytest.approx(combined_in_float64(step_task_losses, loss), rel=1e-6)
     (record,) = train.read_metrics(out_dir)
