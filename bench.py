@@ -306,7 +306,7 @@ def sst_model_and_optimizer(args):
 
 def sst_step(model, optimizer, batch, regulariser=None):
     """train.py's step on one SST batch: cross-entropy (+ SMART's term), backward, step (+ teacher)."""
-    optimizer.zero_grad(set_to_none=True)
+    train.zero_gradients(optimizer, model.encoder.word_table)
     loss = losses.cross_entropy_loss(model("sst", batch["inputs"]), batch["labels"])
     if regulariser is not None:
         loss = loss + regulariser({"sst": batch})

@@ -207,19 +207,26 @@ class BertModel(nn.Module):
         self.layers = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
 
+    @property
+    def word_table(self):
+        """E_word, vocab x hidden: the weight whose gradient train.py keeps (see word_embeddings)."""
+        return self.embeddings.word.weight
+
     def word_embeddings(self, input_ids):
         """E_word[x]: what `inputs_embeds` replaces (SMART perturbs these).
 
         The table's gradient is vocab x hidden (30,522 x 384 floats, 45 MiB here), of which a
         batch touches a few hundred rows. Left as it is, the lookup's backward allocates and zeroes
         all of it at every step: 13-46 ms on the 2-core CPU here, a fresh block that large being
-        handed over by the OS page by page. So once the table holds a dense .grad (train.py keeps
-        one, zeroed between steps), the backward hands over only the rows it touched (sparse=True)
-        and autograd adds them into that buffer: about 1 ms, and the same numbers (tested)."""
-        word = self.embeddings.word
-        into_kept = (word.weight.grad is not None and word.weight.grad.layout == torch.strided
-                     and not torch.compiler.is_compiling())  # the compiler builds dense gradients only
-        return F.embedding(input_ids, word.weight, word.padding_idx, sparse=into_kept)
+        handed over by the OS page by page. So whenever the table already holds a dense .grad
+        (train.py keeps one, zeroed between steps), the backward hands over only the rows it touched
+        (sparse=True) and autograd adds them into that buffer: about 1 ms. On the CPU one lookup so
+        added is the dense gradient to the bit (tested); several add the same rows in another order.
+        Not under torch.compile, which builds dense gradients only."""
+        table = self.word_table
+        into_kept = (not torch.compiler.is_compiling() and table.grad is not None
+                     and table.grad.layout == torch.strided)
+        return F.embedding(input_ids, table, self.embeddings.word.padding_idx, sparse=into_kept)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None):
         if inputs_embeds is None:
@@ -248,7 +255,7 @@ class BertModel(nn.Module):
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"{path}: checkpoint folder not found")
-        # replace() re-runs the checks of __post_init__ and refuses a name that is not a field
+        # replace() re-runs __post_init__ (its check of `attention`) and refuses a name that is not a field
         config = replace(BertConfig.from_json(path / "config.json"), **config_overrides)
         state, ignored = map_checkpoint_names(read_checkpoint_weights(path))
         with torch.device("meta"):  # shapes only: a damaged config.json must not allocate a huge model

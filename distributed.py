@@ -4,8 +4,9 @@
 
 Each process (a rank) runs train.py's one-process loop over the same epoch plan, built from
 (seed, epoch), and takes every N-th example of each of the step's batches (`shard`). Three things
-then make the N ranks take the step one process would take on the whole (global) batch, exactly
-so with dropout 0 (each rank draws its own dropout masks, from seed + rank):
+then make the N ranks take the step one process would take on the whole (global) batch, up to
+float rounding once dropout is 0 and, under --smart, --smart_sigma is 0 (each rank draws its own
+dropout masks and SMART noise, from seed + rank):
 
 1. The task losses become the global batch's means before the loss strategy combines them
    (`global_means`). GLS and FLS are not linear in the task losses, so the combination of the

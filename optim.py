@@ -197,7 +197,7 @@ def _parameters_to_update(optimizer, group, state_names):
             continue
         if p.grad.is_sparse:
             raise RuntimeError(f"{type(optimizer).__name__} does not support sparse gradients; "
-                               "use nn.Embedding(sparse=False)")
+                               "give the weight a dense .grad before the backward, or look up with sparse=False")
         state = optimizer.state[p]
         if not state:
             state["step"] = 0

@@ -152,7 +152,7 @@ def training_step(args, model, optimizer, regulariser, params, batches, shares, 
     or None when the loss or a gradient is NaN or inf: then the weights stay as they were.
     `shares` is each batch's share of its global batch under torchrun (1.0 in one process); a
     batch with a "teacher" target is distilled, `gold` being the gold label's share (distill.py)."""
-    zero_gradients(optimizer, model.encoder.embeddings.word.weight)
+    zero_gradients(optimizer, model.encoder.word_table)
     with autocast(args, device):
         # the task losses in float32 whatever the autocast: GLS and FLS take their logs
         task_losses = global_means({task: task_loss(task, model(task, b["inputs"]), b["labels"], b.get("teacher"),
@@ -181,7 +181,8 @@ def zero_gradients(optimizer, word_table):
     kept = word_table.grad
     optimizer.zero_grad(set_to_none=True)
     if word_table.requires_grad:
-        word_table.grad = torch.zeros_like(word_table) if kept is None else kept.zero_()
+        dense = kept is not None and kept.layout == torch.strided
+        word_table.grad = kept.zero_() if dense else torch.zeros_like(word_table)
 
 
 def task_loss(task, outputs, labels, teacher=None, gold=1.0, kind="kl"):

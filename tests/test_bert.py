@@ -90,18 +90,22 @@ def test_the_word_lookup_adds_its_gradient_into_a_kept_buffer(checkpoint_dir, re
     lookup's backward adds only the rows it touched into that same buffer, to the same numbers
     (the batch repeats [CLS], [SEP] and common words, and pads with token 0, whose row stays 0)."""
     model = BertModel.from_pretrained(checkpoint_dir, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    batch, table = real_batches["quora pairs"], model.embeddings.word.weight
+    batch, table = real_batches["quora pairs"], model.word_table
     assert (batch["input_ids"] == 0).any()
+    handed_over = []  # the layout of what the lookup's backward gives autograd to accumulate
+    table.register_hook(lambda grad: handed_over.append(grad.layout))
 
     def backward():
         model(**batch)["pooler_output"].pow(2).sum().backward()
 
     backward()
     dense = table.grad
+    assert handed_over == [torch.strided] and dense.layout == torch.strided
     kept = torch.zeros_like(table)
     table.grad = kept
     backward()
-    assert table.grad is kept and table.grad.layout == torch.strided
+    assert handed_over[1] == torch.sparse_coo  # only the touched rows...
+    assert table.grad is kept and table.grad.layout == torch.strided  # ...added into the kept buffer
     torch.testing.assert_close(kept, dense, rtol=0, atol=0)
     assert not kept[0].any() and kept.abs().sum(1).gt(0).sum() == batch["input_ids"].unique().numel() - 1
     backward()  # a second backward adds to what is there, one occurrence of a token at a time: so
