@@ -136,6 +136,7 @@ CLAIMS = [
     ("SMART raises SST, epsilon 1e-5", ("sst-smart", "sst"), ("sst-alone", "sst")),
     ("SMART raises SST, epsilon 1e-3", ("sst-smart-eps1e-3", "sst"), ("sst-alone", "sst")),
     ("Without its Bregman term SMART does better on SST (epsilon 1e-5)", ("sst-smart-mu0", "sst"), ("sst-smart", "sst")),
+    ("SMART's adversarial term alone (mu 0) raises SST", ("sst-smart-mu0", "sst"), ("sst-alone", "sst")),
     ("Distillation (annealed) beats the plain multi-task model", ("student-anneal", "overall"), ("main", "overall")),
     ("The annealed student reaches its SST teacher", ("student-anneal", "sst"), ("sst-alone", "sst")),
     ("The annealed student reaches its PARA teacher", ("student-anneal", "para"), ("para-alone", "para")),
