@@ -57,8 +57,18 @@ class BertConfig:
     attention: str = "auto"
 
     def __post_init__(self):
+        """Refuse a config this encoder cannot run, whether read from config.json or overridden."""
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.name != "attention" and not config_value_is_valid(field, value):
+                raise ValueError(f"{field.name} {value!r} is not a valid value for that field")
         if self.attention not in ("auto", "sdpa", "manual"):
             raise ValueError(f"attention {self.attention!r}: expected 'auto', 'sdpa' or 'manual'")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+        if self.pad_token_id >= self.vocab_size:
+            raise ValueError(f"pad_token_id {self.pad_token_id} is not below vocab_size {self.vocab_size}")
 
     @classmethod
     def from_json(cls, path):
@@ -75,21 +85,11 @@ class BertConfig:
             raise CheckpointError(f"{path}: hidden_act {raw['hidden_act']!r} is not supported (only 'gelu')")
         if raw.get("position_embedding_type", "absolute") != "absolute":
             raise CheckpointError(f"{path}: only absolute position embeddings are supported")
-        kwargs = {}
-        for field in fields(cls):
-            value = raw.get(field.name)
-            if field.name == "attention" or value is None:
-                continue
-            if not config_value_is_valid(field, value):
-                raise CheckpointError(f"{path}: {field.name} {value!r} is not a valid value for that field")
-            kwargs[field.name] = value
-        config = cls(**kwargs)
-        if config.hidden_size % config.num_attention_heads:
-            raise CheckpointError(f"{path}: hidden_size {config.hidden_size} is not divisible by "
-                                  f"num_attention_heads {config.num_attention_heads}")
-        if config.pad_token_id >= config.vocab_size:
-            raise CheckpointError(f"{path}: pad_token_id {config.pad_token_id} is not below vocab_size {config.vocab_size}")
-        return config
+        kwargs = {f.name: raw[f.name] for f in fields(cls) if f.name != "attention" and raw.get(f.name) is not None}
+        try:
+            return cls(**kwargs)
+        except ValueError as e:  # __post_init__'s refusal, with the file it came from
+            raise CheckpointError(f"{path}: {e}") from None
 
 
 def config_value_is_valid(field, value):
@@ -112,7 +112,8 @@ def dropout(x, p, training):
     matmuls in bfloat16, those draws (aten::bernoulli_) were 15% of a train.py step on SST batches
     of 32 (torch.profiler, with F.dropout making the masks). Here one 64-bit draw is cut into four
     16-bit uniforms, a quarter of the calls: a mask of the model's 32 x 26 x 384 shape takes 0.8-1.0
-    ms against F.dropout's 2.4-3.0, and the step ~10% less. The price: p is rounded to a multiple of 2^-16 (0.1 becomes 0.1000061)."""
+    ms against F.dropout's 2.4-3.0, and the step ~10% less. The price: p is rounded to a multiple
+    of 2^-16 (0.1 becomes 0.1000061)."""
     if not training or p == 0:
         return x
     if x.device.type != "cpu":
@@ -255,7 +256,7 @@ class BertModel(nn.Module):
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"{path}: checkpoint folder not found")
-        # replace() re-runs __post_init__ (its check of `attention`) and refuses a name that is not a field
+        # replace() re-runs __post_init__'s checks and refuses a name that is not a field
         config = replace(BertConfig.from_json(path / "config.json"), **config_overrides)
         state, ignored = map_checkpoint_names(read_checkpoint_weights(path))
         with torch.device("meta"):  # shapes only: a damaged config.json must not allocate a huge model

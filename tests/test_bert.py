@@ -214,6 +214,7 @@ def test_a_config_this_encoder_cannot_run_is_refused(checkpoint_dir, tmp_path, c
 
 @pytest.mark.parametrize("overrides, error, complaint", [
     ({"attention": "flash"}, ValueError, "attention 'flash': expected 'auto', 'sdpa' or 'manual'"),
+    ({"hidden_dropout_prob": 1.5}, ValueError, "hidden_dropout_prob 1.5 is not a valid value"),
     ({"hidden_dropout": 0.3}, TypeError, "hidden_dropout"),  # a misspelt field is not set quietly
 ])
 def test_an_override_the_encoder_cannot_use_is_refused(checkpoint_dir, overrides, error, complaint):
