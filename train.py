@@ -12,11 +12,13 @@ One training step (`training_step`), on the batches B_t the sampler names for th
 
     L_t = loss of head t on B_t          cross-entropy (SST, CFIMDB), binary cross-entropy (PARA),
                                          squared error of 5·cos against the 0-5 score (STS); losses.py;
-                                         with --teachers against λ·gold + (1 - λ)·teacher; distill.py
+                                         with --teachers against λ·gold + (1 - λ)·teacher, λ the gold
+                                         share (distill.gold_share), less H of that target (KL); distill.py
     L   = sum_t L_t  |  GLS  |  FLS      the loss strategy, the study's eqs. 1, 7, 8; losses.py
-    L  += sum_t λ_s R_s + μ D_Breg       with --smart: SMART's two regularisers; smart.py
+    L  += sum_t (λ_s R_s,t + μ D_Breg,t) with --smart: SMART's two regularisers; smart.py
     g   = ∇_θ L,  g ← g·min(1, c/‖g‖)    one backward pass; with --clip_grad c, global-norm clipping
-    θ   ← AdamW or AdaBelief(θ, g, η_k)  at the step's rate η_k from the schedule; optim.py
+    θ   ← AdamW or AdaBelief(θ, g, η)    at the rate η(done), done the fraction of the run done; optim.py
+    θ̃   ← β θ̃ + (1 - β) θ                with --smart: SMART's teacher follows the weights; smart.py
 
 The loop (`train`): for every epoch, the sampler's plan for it (samplers.py, rebuilt from
 (seed, epoch)), one step per entry, then a dev evaluation. Files in --out_dir (runs/<name from the
@@ -27,16 +29,17 @@ leaderboard files of the best model, and scores.json, its dev scores, written la
 
 Saving and resuming. A new run saves last.pt before its first step; at the end of an epoch
 best.pt (when the epoch is the best so far), then last.pt are saved, each atomically (a temporary
-file, then a rename); --save_every N also saves last.pt every N steps. `--resume` takes the run's flags from last.pt, restores the weights,
-optimizer, SMART teacher, random-number states and the position in the epoch's plan, rewrites
-metrics.jsonl from the history last.pt holds, and ends with the same weights, bit for bit on the
-same CPU, as a run never stopped. A run killed between the two saves retrains the epoch
-last.pt does not record, and so rewrites best.pt with the same weights (on the same machine; on
-another device or number of ranks that epoch may end elsewhere).
+file, then a rename); --save_every N also saves last.pt every N steps of an epoch. `--resume`
+takes the run's flags from last.pt, restores the weights, optimizer, SMART teacher, random-number
+states and the position in the epoch's plan, rewrites metrics.jsonl from the history last.pt
+holds, and ends with the same weights, bit for bit on the same CPU, as a run never stopped.
+Killed after best.pt but before last.pt, a resumed run retrains that epoch and writes the same
+best.pt again (on the same machine; on another device or number of ranks it may differ).
 
 Errors. Input a user can get wrong (a flag, a data file, a checkpoint, an --out_dir that holds
 a run already) is checked before anything is written, and stops the run with one `error:` line
-and exit status 2. A NaN or inf loss or gradient skips the step (counted in metrics.jsonl);
+and exit status 2. A NaN or inf loss or gradient skips the step (metrics.jsonl's skipped_steps,
+a running total);
 MAX_BAD_STEPS_IN_A_ROW such steps stop the run. No command overwrites what another wrote.
 
 Under torchrun, N processes train one model together: see distributed.py.
@@ -65,8 +68,9 @@ from tokenizer import BertTokenizer
 
 MAX_BAD_STEPS_IN_A_ROW = 20  # non-finite steps skipped in a row before the run is stopped
 # Flags that say where a run reads and writes and how fast it runs, not what it learns: a resumed
-# run may give them anew (--bert: the same checkpoint, moved). Every other flag comes from last.pt,
-# but --epochs, which may change at a constant rate without warm-up, where it sets no step's rate.
+# run may give them anew (--bert: the same checkpoint, moved). Every other flag comes from last.pt.
+# --epochs may change too, but only under --lr_schedule constant and --warmup 0, where the number
+# of epochs changes no step's rate (flags_of_the_run checks it).
 # A finished run so extended replaces its predictions and scores.json at its new end.
 FREE_ON_RESUME = {"out_dir", "data_dir", "bert", "device", "save_every", "eval_batch_size", "compile",
                   "fused_optimizer", "resume"}
@@ -98,7 +102,8 @@ def main(argv=None):
     train_data = {} if args.eval_only else {t: load_split(args, tokenizer, t, "train", args.limit, device)
                                             for t in args.tasks}
     teachers = {} if args.eval_only or not args.teachers else teacher_targets(args, checkpoint_dir, train_data, device)
-    model = build_model(args, checkpoint_dir, device)  # the same seed: the same weights on every rank
+    # the same seed: the same weights on every rank (drawn after the teachers' heads, with --teachers)
+    model = build_model(args, checkpoint_dir, device)
     if distributed.RANK > 0:  # but each rank its own dropout masks (and SMART noise)
         torch.manual_seed(args.seed + distributed.RANK)
 
@@ -113,7 +118,7 @@ def main(argv=None):
         if distributed.RANK == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
-            if args.resume:  # what last.pt records, and no epoch it does not
+            if args.resume:  # a run killed between last.pt and metrics.jsonl left an epoch out of one
                 write_metrics(out_dir, progress["history"])
             elif teachers:  # what a resumed run reads back, so that it mixes the same targets
                 save_atomically({task: distill.targets_by_id(t, train_data[task]) for task, t in teachers.items()},
@@ -128,7 +133,7 @@ def main(argv=None):
         model.load_state_dict(checked_model_state(out_dir / "best.pt", best, model))
 
     if "dev_predictions" in best:  # what the best epoch's evaluation found: the same weights predict
-        # the same again (a best.pt from before this file kept them holds none: then dev is predicted)
+        # the same again (with --eval_only, or a best.pt older than this, dev is predicted here)
         scores, dev_predicted = best["dev"], best["dev_predictions"]
         overall = tasks.overall_score(scores)
     else:
@@ -161,7 +166,7 @@ def training_step(args, model, optimizer, regulariser, params, batches, shares, 
         loss = losses.combine_losses(task_losses, args.loss, args.focus)
         if regulariser is not None:
             loss = loss + smart_term(regulariser, batches, shares)
-    if not torch.isfinite(loss):
+    if not torch.isfinite(loss):  # the same global loss on every rank: they all skip together
         return None
     loss.backward()
     all_reduce_gradients(params)
@@ -176,8 +181,10 @@ def training_step(args, model, optimizer, regulariser, params, batches, shares, 
 
 
 def zero_gradients(optimizer, word_table):
-    """Set every gradient to None, so that a head with no batch this step is not updated, except
-    the word-embedding table's: kept and zeroed, so its lookup adds into it (bert.word_embeddings)."""
+    """Set every gradient to None, so that a head with no batch this step gets no update (AdamW
+    would move it by its momentum and weight decay on a zero gradient); but keep the word table's,
+    zeroed: its lookup then adds the batch's rows into it instead of allocating 45 MiB a step
+    (bert.word_embeddings)."""
     kept = word_table.grad
     optimizer.zero_grad(set_to_none=True)
     if word_table.requires_grad:
@@ -187,11 +194,11 @@ def zero_gradients(optimizer, word_table):
 
 def task_loss(task, outputs, labels, teacher=None, gold=1.0, kind="kl"):
     """The task's loss against its gold labels or, with a teacher's targets, against their mix
-    λ·gold + (1 - λ)·teacher (λ = `gold`); for the classification tasks with kind "kl" less the
+    λ·gold + (1 - λ)·teacher (λ = `gold`, the gold share); for the classification tasks with kind "kl" less the
     mixed target's entropy, so that it falls to 0 as the plain loss does (losses.py)."""
     if teacher is not None and gold < 1:  # in float32, bf16 logits too: the KL is a small difference
         outputs, labels = outputs.float(), distill.mixed_target(task, labels, teacher, gold)
-    else:  # λ = 1: the plain loss, exactly
+    else:  # no teacher for this task, or λ = 1: the plain loss, exactly
         teacher = None
     if task == "sts":
         return losses.similarity_mse_loss(outputs, labels)
@@ -229,7 +236,8 @@ def train(args, model, optimizer, regulariser, progress, train_data, dev_data, d
     """Train from `progress` (new_progress(), or what resume() returned) to the end of the last
     epoch. Every rank runs this loop over the same plan; rank 0 alone writes files."""
     params = [p for p in model.parameters() if p.requires_grad]
-    teachers = {task: targets.to(device) for task, targets in teachers.items()}  # beside the token ids
+    # one target row per training example, in train_data's order: a batch's "rows" index them
+    teachers = {task: targets.to(device) for task, targets in teachers.items()}
     checkpoint = lambda: save_resumable(out_dir / "last.pt", args, model, optimizer, regulariser, progress, device)
     for epoch in range(progress["epoch"], args.epochs):
         plan = epoch_plan(args, train_data, epoch)
@@ -257,6 +265,7 @@ def train(args, model, optimizer, regulariser, progress, train_data, dev_data, d
             progress["total_loss"] += loss
             progress["n_steps"] += 1
             bar.set_postfix(loss=f"{progress['total_loss'] / progress['n_steps']:.4f}")
+            # (the epoch's last step is followed by the end-of-epoch save anyway)
             if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < len(plan):
                 checkpoint()
         bar.close()
@@ -276,7 +285,9 @@ def count_bad_step(progress, epoch, step):
 
 
 def end_epoch(args, model, progress, epoch, started, dev_data, device, out_dir):
-    """Evaluate on dev, record the epoch in `progress`, and save best.pt if it is the best yet."""
+    """Evaluate on dev, record the epoch in `progress`, and save best.pt if it is the best yet.
+    The recorded train_loss is the loss optimised, SMART's term included: compare it only between
+    runs of the same --loss and --smart."""
     scores, overall, predicted = evaluate(model, dev_data, args, device)
     record = {"epoch": epoch + 1, "train_loss": progress["total_loss"] / max(progress["n_steps"], 1),
               "dev": scores, "overall": overall, "seconds": round(time.time() - started, 1),
@@ -284,7 +295,8 @@ def end_epoch(args, model, progress, epoch, started, dev_data, device, out_dir):
     print_table(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, dev:", [*scores.items(), ("overall", overall)])
     progress.update(epoch=epoch + 1, step=0, total_loss=0.0, n_steps=0)
     progress["history"].append(record)
-    score = overall if math.isfinite(overall) else -math.inf
+    score = overall if math.isfinite(overall) else -math.inf  # NaN outputs rank lowest
+    # the first epoch is always saved, so that a finished run has a best.pt to end with
     if progress["best_epoch"] == 0 or score > progress["best"]:
         progress["best"], progress["best_epoch"] = score, epoch + 1
         if distributed.RANK == 0:
@@ -491,7 +503,8 @@ def build_regulariser(args, model):
 
 def epoch_plan(args, train_data, epoch):
     """The epoch's steps, rebuilt identically from (seed, epoch): resuming needs no sampler state."""
-    rng = random.Random(args.seed * 1000 + epoch)
+    rng = random.Random(args.seed * 1000 + epoch)  # distinct for every (seed, epoch) while epochs < 1000
+    # lengths=...: bind each task's lengths now, not the loop variable's last value
     task_batches = {task: (lambda r, lengths=data.lengths: samplers.length_bucketed_batches(lengths, args.batch_size, r))
                     for task, data in train_data.items()}
     return samplers.make_plan(args.sampler, task_batches, rng, alpha=args.alpha)
@@ -629,11 +642,16 @@ def build_parser():
                        allow_abbrev=False)  # a flag is named in full: --resume compares flags by name
     g = p.add_argument_group("what to train")
     g.add_argument("--option", choices=["pretrain", "finetune"], default="finetune",
-                   help="pretrain: freeze the encoder, train only the heads; finetune: train everything")
+                   help="pretrain (CS224N's name; not BERT's pre-training): freeze the encoder, train only the "
+                   "heads, a linear probe; finetune: train everything")
     g.add_argument("--tasks", default="sst,para,sts", help="comma list of sst,para,sts,cfimdb; one task = single-task")
-    g.add_argument("--loss", choices=["sum", "gls", "fls"], default="sum", help="how task losses are combined")
+    g.add_argument("--loss", choices=["sum", "gls", "fls"], default="sum", help="how the step's task losses combine: "
+                   "sum; gls, their geometric mean; fls, GLS times the geometric mean of the --focus tasks' (losses.py)")
     g.add_argument("--focus", default="para", help="comma list of focused tasks for --loss fls")
-    g.add_argument("--sampler", choices=samplers.SAMPLERS, default="sequential", help="which task batches form a step")
+    g.add_argument("--sampler", choices=samplers.SAMPLERS, default="sequential",
+                   help="which task batches form a step. sequential: all of one task's, then the next's; break: "
+                   "one batch of every task a step, until the smallest runs out; roundrobin: the same, the smaller "
+                   "tasks restarting until the largest has run once; proportional: one task a step, drawn by size")
     g.add_argument("--alpha", type=number, default=1.0, help="proportional sampler: P(task) ~ n_task^alpha")
     g.add_argument("--pooling", choices=["mean", "cls"], default="mean",
                    help="sentence vector the classification heads read: mean of the tokens, or BERT's [CLS] pooler")
@@ -642,17 +660,22 @@ def build_parser():
                    help="adabelief runs with RAdam's rectification, as adabelief-pytorch's defaults do")
     g.add_argument("--lr", type=number, default=None, help="peak learning rate; None: 1e-3 for pretrain, 1e-4 for finetune")
     g.add_argument("--lr_schedule", choices=["constant", "linear"], default="linear",
-                   help="linear: the rate falls in a straight line from --lr to 0 over the run; constant: the study's")
+                   help="linear: after --warmup the rate falls in a straight line from --lr to 0 at the end; constant: "
+                   "--lr throughout (the study's)")
     g.add_argument("--warmup", type=number, default=0.0,
                    help="fraction of the run over which the rate first rises from 0 to --lr (0 = none)")
     g.add_argument("--weight_decay", type=number, default=0.01, help="decoupled weight decay, on every parameter")
     g.add_argument("--clip_grad", type=number, default=0.0, help="max global gradient L2 norm (0 = off)")
-    g.add_argument("--hidden_dropout_prob", type=number, default=0.1, help="dropout of the encoder's hidden states and before the heads (the attention "
-                   "probabilities keep the checkpoint's, 0.1)")
-    g.add_argument("--batch_size", type=int, default=32, help="examples per task per step")
-    g.add_argument("--epochs", type=int, default=3, help="passes over the training data (see samplers.py)")
-    g.add_argument("--seed", type=int, default=11711, help="fixes the weights of the heads, the batches, dropout")
-    g.add_argument("--max_length", type=int, default=128, help="tokens per sequence (pairs: both together)")
+    g.add_argument("--hidden_dropout_prob", type=number, default=0.1, help="dropout of the encoder's hidden "
+                   "states and before the heads (the attention probabilities keep the checkpoint's, 0.1)")
+    g.add_argument("--batch_size", type=int, default=32, help="examples per task per step (the global batch under "
+                   "torchrun, split across the ranks)")
+    g.add_argument("--epochs", type=int, default=3, help="epochs of the sampler's plan; how much of each task one covers "
+                   "depends on --sampler (samplers.py)")
+    g.add_argument("--seed", type=int, default=11711, help="fixes the heads' initial weights, the batches, dropout "
+                   "and the --limit sample")
+    g.add_argument("--max_length", type=int, default=128, help="tokens per sequence (para's pair: both questions together; "
+                   "sts: each sentence)")
     g.add_argument("--fused_optimizer", action=argparse.BooleanOptionalAction, default="auto",
                    help="the optimizer's per-tensor update compiled by torch.compile (3x faster here; needs a C++ "
                    "compiler); auto: compiled where it builds, else eager")
@@ -682,17 +705,20 @@ def build_parser():
     g.add_argument("--bert", default=None, help="BERT checkpoint folder (default: the installed all-MiniLM-L6-v2)")
     g.add_argument("--out_dir", default=None, help="where the run's files go (default runs/<name from the flags>; with "
                    "--eval_only, eval-<checkpoint name> beside --checkpoint, or runs/eval-<tasks>-released)")
-    g.add_argument("--limit", type=int, default=None, help="at most N training examples per task (quick runs)")
-    g.add_argument("--eval_limit", type=int, default=None, help="at most N dev/test examples per task (quick runs)")
-    g.add_argument("--eval_batch_size", type=int, default=64)
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    g.add_argument("--limit", type=int, default=None, help="at most N training examples per task, a seeded sample "
+                   "(quick runs)")
+    g.add_argument("--eval_limit", type=int, default=None, help="at most N dev/test examples per task, the first N "
+                   "(quick runs)")
+    g.add_argument("--eval_batch_size", type=int, default=64, help="examples per batch when predicting")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda where there is one")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="bf16: bfloat16 autocast for the matmuls (the losses stay float32); auto: bf16 where the "
                    "hardware has it (CPUs with AVX512-BF16 or AMX, CUDA cards with bf16), else fp32")
     g.add_argument("--compile", action="store_true", help="torch.compile the encoder (measured slower on CPU); on "
                    "CUDA as CUDA graphs, with lengths padded to multiples of 16 (untried on a GPU yet)")
-    g.add_argument("--save_every", type=int, default=0, help="also save last.pt every N steps")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its last.pt, with its flags")
+    g.add_argument("--save_every", type=int, default=0, help="also save last.pt every N steps of an epoch")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its last.pt, with its "
+                   "flags (give --out_dir, or the run's flags, which name its default folder)")
     g.add_argument("--eval_only", action="store_true", help="score --checkpoint (without it: the --bert checkpoint "
                    "as it is, heads untrained) and write predictions, into a folder of its own")
     g.add_argument("--checkpoint", default=None, help="model checkpoint (best.pt, last.pt) for --eval_only")
