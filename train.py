@@ -194,8 +194,8 @@ def zero_gradients(optimizer, word_table):
 
 def task_loss(task, outputs, labels, teacher=None, gold=1.0, kind="kl"):
     """The task's loss against its gold labels or, with a teacher's targets, against their mix
-    λ·gold + (1 - λ)·teacher (λ = `gold`, the gold share); for the classification tasks with kind "kl" less the
-    mixed target's entropy, so that it falls to 0 as the plain loss does (losses.py)."""
+    λ·gold + (1 - λ)·teacher (λ = `gold`, the gold share); for the classification tasks with kind
+    "kl" less the mixed target's entropy, so that it falls to 0 as the plain loss does (losses.py)."""
     if teacher is not None and gold < 1:  # in float32, bf16 logits too: the KL is a small difference
         outputs, labels = outputs.float(), distill.mixed_target(task, labels, teacher, gold)
     else:  # no teacher for this task, or λ = 1: the plain loss, exactly
