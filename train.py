@@ -39,8 +39,8 @@ best.pt again (on the same machine; on another device or number of ranks it may 
 Errors. Input a user can get wrong (a flag, a data file, a checkpoint, an --out_dir that holds
 a run already) is checked before anything is written, and stops the run with one `error:` line
 and exit status 2. A NaN or inf loss or gradient skips the step (metrics.jsonl's skipped_steps,
-a running total);
-MAX_BAD_STEPS_IN_A_ROW such steps stop the run. No command overwrites what another wrote.
+a running total); MAX_BAD_STEPS_IN_A_ROW such steps stop the run. No command overwrites what
+another wrote.
 
 Under torchrun, N processes train one model together: see distributed.py.
 """
@@ -118,7 +118,7 @@ def main(argv=None):
         if distributed.RANK == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
-            if args.resume:  # a run killed between last.pt and metrics.jsonl left an epoch out of one
+            if args.resume:  # killed between last.pt and metrics.jsonl, a run left the latter an epoch short
                 write_metrics(out_dir, progress["history"])
             elif teachers:  # what a resumed run reads back, so that it mixes the same targets
                 save_atomically({task: distill.targets_by_id(t, train_data[task]) for task, t in teachers.items()},
