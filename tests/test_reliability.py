@@ -287,6 +287,21 @@ def test_write_safetensors_is_read_back_by_both_readers_and_reads_what_they_writ
             assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", [0, -1], ids=["first", "last"])
+def test_one_non_finite_weight_anywhere_is_refused(tmp_path, bad, where):
+    """from_pretrained checks each weight by its min and max (one pass): NaN, +inf and -inf must
+    each be caught, in the first element of the first weight and the last of the last."""
+    folder = make_tiny_checkpoint(tmp_path / "small", None)
+    state = read_safetensors(folder / "model.safetensors")
+    name = sorted(state)[where]
+    state[name] = state[name].clone()
+    state[name].view(-1)[where] = bad
+    write_safetensors(folder / "model.safetensors", state)
+    with pytest.raises(CheckpointError, match="holds NaN or inf"):
+        BertModel.from_pretrained(folder)
+
+
 def test_flipped_or_cut_bytes_of_a_safetensors_file_never_load_silently(tmp_path):
     """Random damage to a small model.safetensors gives CheckpointError, or a file that is valid
     for what its bytes now say. A flip in the data area is such a file: the tensor that holds the
