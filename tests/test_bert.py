@@ -124,8 +124,9 @@ def test_manual_attention_equals_sdpa_in_outputs_and_gradients(checkpoint_dir, r
         grads[attention] = {n: p.grad for n, p in model.named_parameters()}
         grads[attention]["_out"] = out["last_hidden_state"].detach()
     # sdpa's kernel sums the softmax and the weighted values in another order: 3 of the batch's
-    # 276,480 outputs differ by 1e-5 to 2e-5 (measured), the rest by less
-    torch.testing.assert_close(grads["manual"].pop("_out"), grads["sdpa"].pop("_out"), rtol=0, atol=3e-5)
+    # 276,480 outputs differ by 1e-5 to 2e-5 on one VM here, 2 by up to 5.6e-5 on another
+    # (measured), the rest by less
+    torch.testing.assert_close(grads["manual"].pop("_out"), grads["sdpa"].pop("_out"), rtol=0, atol=1e-4)
     for name in grads["sdpa"]:  # summed over the batch's tokens, a gradient adds up more rounding than an output
         torch.testing.assert_close(grads["manual"][name], grads["sdpa"][name], rtol=1e-4, atol=1e-5, msg=name)
 

@@ -149,14 +149,15 @@ def test_every_step_has_one_process_loss_and_gradient_on_the_same_global_batch(r
     assert len(single["steps"]) == len(rank0["steps"]) == 9
     for step, (expected, got, got1) in enumerate(zip(single["steps"], rank0["steps"], rank1["steps"])):
         assert got["loss"] == got1["loss"], step  # the loss is the global batch's, the same on both ranks
-        assert got["loss"] == pytest.approx(expected["loss"], rel=1e-6), step
+        # float32 sums over the two halves in another order: up to 1.1e-6 apart (measured, one VM)
+        assert got["loss"] == pytest.approx(expected["loss"], rel=5e-6), step
         assert got["grads"].keys() == expected["grads"].keys(), step
         for key, grad in got["grads"].items():
             assert torch.equal(grad, got1["grads"][key]), (step, key)
             error = (grad - expected["grads"][key]).norm() / expected["grads"][key].norm()
             assert error < 1e-5, (step, key, error.item())
     for got, expected in zip(read_metrics(two / name), read_metrics(one / name)):
-        assert got["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-6)
+        assert got["train_loss"] == pytest.approx(expected["train_loss"], rel=5e-6)
         assert got["skipped_steps"] == expected["skipped_steps"] == 0
 
 
