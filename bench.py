@@ -21,13 +21,16 @@ Each table's first row is its reference; x = a row's time / the reference's, sam
   step       train.py's own training step (training_step: forward, backward, update) on SST batches, in
              float32 with the eager update (the defaults before bf16) vs bf16 autocast, eager and fused
              update (today's default here), beside a bf16 matmul of the encoder's FFN shape at the same
-             token counts: the matmul limit. FLOPs are counted by torch.utils.flop_counter.
+             token counts: the matmul limit. FLOPs are counted by torch.utils.flop_counter. Where bf16
+             is not native (emulated, ~150x slower than float32), float32 with the eager and the fused
+             update, beside a float32 matmul.
   epoch      whole runs, one process each: a full SST epoch and its dev pass by transformers' Trainer
              (AutoModelForSequenceClassification, fast tokenizer, DataCollatorWithPadding) at its
-             defaults (fp32) and at its best here (bf16, group_by_length), vs `train.py --tasks sst
-             --epochs 1` at its defaults; same checkpoint, batch 32, lr 1e-4 falling linearly, max length
-             128, weight decay 0.01, threads. Wall time of the whole process (start-up to scores), best of
-             --rounds turns (--rounds 3 is plenty: a round is about five minutes here), and dev accuracy.
+             defaults (fp32) and at its best here (group_by_length, with bf16 where bf16 is native), vs
+             `train.py --tasks sst --epochs 1` at its defaults; same checkpoint, batch 32, lr 1e-4 falling
+             linearly, max length 128, weight decay 0.01, threads. Wall time of the whole process
+             (start-up to scores), best of --rounds turns (--rounds 3 is plenty: a round is about five
+             minutes on a 2-core CPU with bf16), and dev accuracy.
 
 Timing: on every batch the contenders take turns, round after round, in one process on the same
 threads; a batch's time is its median round (after a warm-up call each); a table shows the mean
@@ -82,7 +85,7 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no_memory", action="store_true", help="leave out the peak-memory column (a process per row)")
     p.add_argument("--memory_probe", default=None, help=argparse.SUPPRESS)  # internal: see `peak_memory_of`
-    p.add_argument("--trainer_epoch", choices=["fp32", "bf16"], default=None, help=argparse.SUPPRESS)  # internal
+    p.add_argument("--trainer_epoch", choices=["defaults", "best"], default=None, help=argparse.SUPPRESS)  # internal
     args = p.parse_args(argv)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in args.only if s not in SECTIONS]
@@ -361,15 +364,22 @@ def bench_step(args):
     torch.manual_seed(0)
     data = task_data(args.data_dir, "sst", args.limit, args.device)
     batches = [data.batch(indices) for indices in bucketed_indices(data, args.batch_size, args.n_batches)]
-    steps = {"fp32, eager update (the defaults before)": ["--precision", "fp32", "--no-fused_optimizer"],
-             "bf16 autocast, eager update": ["--precision", "bf16", "--no-fused_optimizer"],
-             "bf16 autocast, fused update (train.py's default)": ["--precision", "bf16", "--fused_optimizer"]}
+    if train.native_precision(args.device) == "bf16":  # what --precision auto picks here
+        dtype, steps = torch.bfloat16, {
+            "fp32, eager update (the defaults before)": ["--precision", "fp32", "--no-fused_optimizer"],
+            "bf16 autocast, eager update": ["--precision", "bf16", "--no-fused_optimizer"],
+            "bf16 autocast, fused update (train.py's default)": ["--precision", "bf16", "--fused_optimizer"]}
+    else:  # emulated bf16 would be timed in minutes a step: float32 is train.py's default here
+        dtype, steps = torch.float32, {
+            "fp32, eager update": ["--precision", "fp32", "--no-fused_optimizer"],
+            "fp32, fused update (train.py's default here)": ["--precision", "fp32", "--fused_optimizer"]}
     contenders = {name: train_py_step(args, flags) for name, flags in steps.items()}
     hidden, inner = 384, 1536  # all-MiniLM-L6-v2's FFN: (tokens x 384) @ (384 x 1536), its largest matmul
-    weight = torch.randn(hidden, inner, dtype=torch.bfloat16, device=args.device)
-    activations = {id(b): torch.randn(b["inputs"][0]["input_ids"].numel(), hidden, dtype=torch.bfloat16,
+    weight = torch.randn(hidden, inner, dtype=dtype, device=args.device)
+    activations = {id(b): torch.randn(b["inputs"][0]["input_ids"].numel(), hidden, dtype=dtype,
                                       device=args.device) for b in batches}
-    matmul = "bf16 matmul of the FFN's shape, same tokens (the limit)"
+    precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+    matmul = f"{precision} matmul of the FFN's shape, same tokens (the limit)"
     contenders[matmul] = lambda batch: activations[id(batch)] @ weight
     counted = train_py_step(args, ["--precision", "fp32", "--no-fused_optimizer"])  # not a contender: it steps
     step_flops = statistics.mean(counted_flops(counted, b) for b in batches)
@@ -377,7 +387,8 @@ def bench_step(args):
              matmul: statistics.mean(2 * activations[id(b)].shape[0] * hidden * inner for b in batches)}
     tokens = statistics.mean(b["inputs"][0]["input_ids"].numel() for b in batches)
     run_table(args, "step", f"6. train.py's training step, bucketed SST batches of {args.batch_size} "
-              f"({tokens:.0f} token positions a batch, padding included), beside a bf16 matmul", contenders, batches, "step", flops=flops)
+              f"({tokens:.0f} token positions a batch, padding included), beside a {precision} matmul", contenders, batches,
+              "step", flops=flops)
 
 
 def trainer_epoch(args):
@@ -385,7 +396,7 @@ def trainer_epoch(args):
     {"dev_acc": ...}. Runs in a process of its own (the epoch table's contender)."""
     import numpy as np
     transformers.logging.set_verbosity_error()
-    checkpoint, best = str(default_checkpoint_path()), args.trainer_epoch == "bf16"
+    checkpoint, best = str(default_checkpoint_path()), args.trainer_epoch == "best"
     tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)  # the fast one
     limit = 64 if args.quick else None
 
@@ -402,7 +413,8 @@ def trainer_epoch(args):
             output_dir=out_dir, per_device_train_batch_size=32, per_device_eval_batch_size=64, num_train_epochs=1,
             learning_rate=1e-4, lr_scheduler_type="linear", weight_decay=0.01, seed=11711, save_strategy="no",
             logging_strategy="no", report_to="none", disable_tqdm=True, use_cpu=args.device.type == "cpu",
-            bf16=best, train_sampling_strategy="group_by_length" if best else "random")
+            bf16=best and train.native_precision(args.device) == "bf16",
+            train_sampling_strategy="group_by_length" if best else "random")
         trainer = transformers.Trainer(model=model, args=settings, train_dataset=train_set,
                                        data_collator=transformers.DataCollatorWithPadding(tokenizer))
         trainer.train()
@@ -435,11 +447,11 @@ def bench_epoch(args):
     ours = lambda tmp: [sys.executable, "train.py", "--tasks", "sst", "--epochs", "1", "--data_dir", args.data_dir,
                         "--device", args.device.type, "--out_dir", str(Path(tmp) / "run"), *limits]
     from_scores = lambda stdout, tmp: json.loads((Path(tmp) / "run" / "scores.json").read_text())["dev"]["sst"]
-    contenders = {"Trainer, its defaults (fp32)": whole_run("Trainer fp32", trainer("fp32"), from_stdout),
-                  "Trainer at its best here (bf16, group_by_length)": whole_run("Trainer bf16", trainer("bf16"),
-                                                                                 from_stdout),
+    best = f"Trainer at its best here ({train.native_precision(args.device)}, group_by_length)"
+    contenders = {"Trainer, its defaults (fp32)": whole_run("Trainer defaults", trainer("defaults"), from_stdout),
+                  best: whole_run("Trainer best", trainer("best"), from_stdout),
                   "train.py --tasks sst --epochs 1 (its defaults)": whole_run("train.py", ours, from_scores)}
-    names = dict(zip(["Trainer fp32", "Trainer bf16", "train.py"], contenders))
+    names = dict(zip(["Trainer defaults", "Trainer best", "train.py"], contenders))
     seconds = time_in_turns(contenders, [None], args.rounds, args.device, warm_up=False, pick=min)
     runs = {names[key]: rounds for key, rounds in results.items()}
     columns = {"dev acc": {name: " ".join(f"{acc:.3f}" for acc, _ in rounds) for name, rounds in runs.items()},

@@ -89,6 +89,9 @@ def main(argv=None):
         device = distributed.start(pick_device(args.device))
     except RuntimeError as e:  # a bad launch: the message says what to change
         raise RunError(one_line(e)) from None
+    if args.precision == "bf16" and native_precision(device) == "fp32":  # asked for, so kept, but said
+        log("--precision bf16 here is emulated (no native bfloat16 matmul on this device): it runs many times "
+            "slower than fp32, which --precision auto picks here")
     torch.manual_seed(args.seed)
     out_dir = Path(args.out_dir)
 
@@ -107,7 +110,7 @@ def main(argv=None):
     if distributed.RANK > 0:  # but each rank its own dropout masks (and SMART noise)
         torch.manual_seed(args.seed + distributed.RANK)
 
-    best = {}  # best.pt, once a run has trained
+    best_saved = {}  # best.pt's contents, once a run has trained
     if args.eval_only:
         if args.checkpoint:  # without one, the released encoder is scored as it is
             model.load_state_dict(load_model_state(args.checkpoint, model))
@@ -129,12 +132,12 @@ def main(argv=None):
             save_resumable(out_dir / "last.pt", args, model, optimizer, regulariser, progress, device)
         train(args, model, optimizer, regulariser, progress, train_data, dev_data, device, out_dir, teachers)
         distributed.barrier()  # rank 0 has written best.pt
-        best = load_checkpoint(out_dir / "best.pt")
-        model.load_state_dict(checked_model_state(out_dir / "best.pt", best, model))
+        best_saved = load_checkpoint(out_dir / "best.pt")
+        model.load_state_dict(checked_model_state(out_dir / "best.pt", best_saved, model))
 
-    if "dev_predictions" in best:  # what the best epoch's evaluation found: the same weights predict
+    if "dev_predictions" in best_saved:  # what the best epoch's evaluation found: the same weights predict
         # the same again (with --eval_only, or a best.pt older than this, dev is predicted here)
-        scores, dev_predicted = best["dev"], best["dev_predictions"]
+        scores, dev_predicted = best_saved["dev"], best_saved["dev_predictions"]
         overall = tasks.overall_score(scores)
     else:
         scores, overall, dev_predicted = evaluate(model, dev_data, args, device)
@@ -152,16 +155,16 @@ def main(argv=None):
     return scores
 
 
-def training_step(args, model, optimizer, regulariser, params, batches, shares, device, gold=1.0):
+def training_step(args, model, optimizer, regulariser, params, batches, shares, device, gold_share=1.0):
     """One optimizer step on the step's task batches (see the module docstring). Returns the loss,
     or None when the loss or a gradient is NaN or inf: then the weights stay as they were.
     `shares` is each batch's share of its global batch under torchrun (1.0 in one process); a
-    batch with a "teacher" target is distilled, `gold` being the gold label's share (distill.py)."""
+    batch with a "teacher" target is distilled, `gold_share` being the gold label's share (distill.py)."""
     zero_gradients(optimizer, model.encoder.word_table)
     with autocast(args, device):
         # the task losses in float32 whatever the autocast: GLS and FLS take their logs
         task_losses = global_means({task: task_loss(task, model(task, b["inputs"]), b["labels"], b.get("teacher"),
-                                                    gold, args.distill_loss).float()
+                                                    gold_share, args.distill_loss).float()
                                     for task, b in batches.items()}, shares)
         loss = losses.combine_losses(task_losses, args.loss, args.focus)
         if regulariser is not None:
@@ -192,12 +195,12 @@ def zero_gradients(optimizer, word_table):
         word_table.grad = kept.zero_() if dense else torch.zeros_like(word_table)
 
 
-def task_loss(task, outputs, labels, teacher=None, gold=1.0, kind="kl"):
+def task_loss(task, outputs, labels, teacher=None, gold_share=1.0, kind="kl"):
     """The task's loss against its gold labels or, with a teacher's targets, against their mix
-    λ·gold + (1 - λ)·teacher (λ = `gold`, the gold share); for the classification tasks with kind
+    λ·gold + (1 - λ)·teacher (λ = `gold_share`); for the classification tasks with kind
     "kl" less the mixed target's entropy, so that it falls to 0 as the plain loss does (losses.py)."""
-    if teacher is not None and gold < 1:  # in float32, bf16 logits too: the KL is a small difference
-        outputs, labels = outputs.float(), distill.mixed_target(task, labels, teacher, gold)
+    if teacher is not None and gold_share < 1:  # in float32, bf16 logits too: the KL is a small difference
+        outputs, labels = outputs.float(), distill.mixed_target(task, labels, teacher, gold_share)
     else:  # no teacher for this task, or λ = 1: the plain loss, exactly
         teacher = None
     if task == "sts":
@@ -255,8 +258,8 @@ def train(args, model, optimizer, regulariser, progress, train_data, dev_data, d
                 batches[task] = train_data[task].batch(mine)
                 if task in teachers:
                     batches[task]["teacher"] = teachers[task][batches[task]["rows"]]
-            gold = distill.gold_share(args.distill_anneal, args.distill_weight, done)
-            loss = training_step(args, model, optimizer, regulariser, params, batches, shares, device, gold)
+            gold_share = distill.gold_share(args.distill_anneal, args.distill_weight, done)
+            loss = training_step(args, model, optimizer, regulariser, params, batches, shares, device, gold_share)
             progress["step"] = step + 1
             if loss is None:
                 count_bad_step(progress, epoch, step)

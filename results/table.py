@@ -14,8 +14,11 @@ started again at any time, over several sessions. A student needs its teachers' 
 their records: a teacher whose folder is gone (a fresh clone has none) runs again first, and its
 new files then replace its saved record. Runs go one after another, on purpose: on a 2-core CPU
 two at once only slow each other down. `--save_every 200` is added to every run (it changes no
-result, only how much a stopped run loses). A row can stand in several sections (the main
-command is the reference of most); it runs once.
+result, only how much a stopped run loses), and `--precision bf16`: auto's choice on the CPUs
+the study ran on (AVX512-BF16), pinned so that every run does the same arithmetic. A machine
+without a native bf16 matmul would emulate it about 150 times slower than float32 (measured on
+an AVX2-only CPU), so there the script runs nothing and says so. A row can stand in several
+sections (the main command is the reference of most); it runs once.
 
 Each cell is the mean, over the row's finished seeds, of the dev score of each run's best epoch
 (the checkpoint train.py keeps, by the overall score), ± half the spread (max - min) of those
@@ -50,9 +53,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 # the flags that do not change what a run learns (paths, devices, speed)
-from train import FREE_ON_RESUME, read_metrics  # noqa: E402
+from train import FREE_ON_RESUME, native_precision, pick_device, read_metrics  # noqa: E402
 
 SEEDS = (11711, 1, 2)  # 11711 is train.py's default
+PRECISION = "bf16"  # what --precision auto chose on the CPUs the study ran on, pinned: another machine runs the same sums
 RUNS = "{runs}"  # stands for the runs folder in a row's flags: a student's teachers are other rows' runs
 MAIN = "--option finetune --loss gls --sampler roundrobin"
 TEACHERS = ",".join(f"{RUNS}/{task}-alone-seed{SEEDS[0]}" for task in ("sst", "para", "sts"))
@@ -165,8 +169,8 @@ def run_name(name, seed):
 
 
 def run_flags(name, seed, runs_dir):
-    """The row's train.py flags for one seed, with the runs folder put in."""
-    return f"{FLAGS[name].replace(RUNS, str(runs_dir))} --seed {seed}"
+    """The row's train.py flags for one seed, with the runs folder put in and the precision pinned."""
+    return f"{FLAGS[name].replace(RUNS, str(runs_dir))} --precision {PRECISION} --seed {seed}"
 
 
 def row_command(name):
@@ -195,6 +199,9 @@ def run_one(name, seed, runs_dir, data_dir):
     out_dir = runs_dir / run_name(name, seed)
     if (out_dir / "scores.json").is_file():
         return
+    if native_precision(pick_device("auto")) != PRECISION:  # emulated: hours a row, not minutes
+        sys.exit(f"error: {out_dir.name} not run: this machine has no native {PRECISION} matmul, the study's "
+                 "precision (CPUs with AVX512-BF16 or AMX and CUDA cards with bf16 have one)")
     argv = [sys.executable, "train.py", *shlex.split(run_flags(name, seed, runs_dir)),
             "--data_dir", str(data_dir), "--out_dir", str(out_dir)]
     if "--eval_only" not in FLAGS[name]:

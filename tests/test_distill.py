@@ -146,9 +146,9 @@ def test_every_batch_meets_its_own_examples_teacher_targets(tmp_path, data_dir, 
     --distill_anneal none, stays at 1 - --distill_weight)."""
     seen, real_step = [], train.training_step
 
-    def recording(args, model, optimizer, regulariser, params, batches, shares, device, gold=1.0):
-        seen.append(({task: (b["inputs"], b.get("teacher")) for task, b in batches.items()}, gold))
-        return real_step(args, model, optimizer, regulariser, params, batches, shares, device, gold)
+    def recording(args, model, optimizer, regulariser, params, batches, shares, device, gold_share=1.0):
+        seen.append(({task: (b["inputs"], b.get("teacher")) for task, b in batches.items()}, gold_share))
+        return real_step(args, model, optimizer, regulariser, params, batches, shares, device, gold_share)
     monkeypatch.setattr(train, "training_step", recording)
     out_dir = tmp_path / "student"
     teacher_dirs = ",".join(str(teachers / name) for name in ("sst-1", "sst-2", "sts"))

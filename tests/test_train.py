@@ -4,10 +4,11 @@ import json
 import math
 
 import pytest
+import torch
 
 import tasks
 import train
-from conftest import snapshot
+from conftest import make_tiny_checkpoint, snapshot
 
 
 def run(tmp_path, data_dir, *flags, name="run"):
@@ -55,7 +56,6 @@ STEPS = {"sequential": 6, "break": 2, "roundrobin": 2, "proportional": 6}
 @pytest.fixture(scope="module")
 def initial_state():
     """The multi-task model's weights before training, as main() builds it (seeded first)."""
-    import torch
     torch.manual_seed(11711)
     return train.build_model(train.parse_args([]), train.default_checkpoint_path(), torch.device("cpu")).state_dict()
 
@@ -76,7 +76,6 @@ def combined_in_float64(task_losses, strategy, focus="para"):
 def test_every_sampler_and_loss_strategy_trains(tmp_path, data_dir, sampler, loss, initial_state, monkeypatch):
     """Each step's loss is its task losses combined by --loss, and the step trains every head, each
     only in the steps that have its task."""
-    import torch
     steps, task_losses, tables = [], {}, []
     task_loss, training_step = train.task_loss, train.training_step
 
@@ -114,7 +113,6 @@ def test_every_sampler_and_loss_strategy_trains(tmp_path, data_dir, sampler, los
 
 
 def test_single_task_pretrain_only_trains_the_head(tmp_path, data_dir):
-    import torch
     out_dir, _ = run(tmp_path, data_dir, "--option", "pretrain", "--tasks", "cfimdb", "--limit", "16",
                      "--eval_limit", "8", "--epochs", "1", "--max_length", "64", "--pooling", "cls")
     from bert import BertModel, default_checkpoint_path
@@ -128,7 +126,6 @@ def test_single_task_pretrain_only_trains_the_head(tmp_path, data_dir):
 
 
 def test_the_optimizer_and_smart_flags_reach_what_they_build():
-    import torch
     import optim
     model = torch.nn.Linear(3, 2)
     args = train.parse_args(["--optimizer", "adabelief", "--lr", "3e-5", "--weight_decay", "0.02", "--no-fused_optimizer",
@@ -178,6 +175,9 @@ def test_fused_optimizer_trains_like_the_eager_one(tmp_path, data_dir):
     assert train.read_metrics(fused_dir)[0]["train_loss"] == pytest.approx(train.read_metrics(eager_dir)[0]["train_loss"], rel=1e-5)
 
 
+@pytest.mark.skipif(train.native_precision(torch.device("cpu")) != "bf16",
+                    reason="no native bf16 matmul on this CPU: emulated it runs ~150x slower than float32 (measured "
+                    "on an AVX2-only EPYC), hours for this test, and --precision auto picks fp32 here")
 def test_bf16_autocast_trains_and_scores_as_float32_does_on_a_fixed_slice(tmp_path, data_dir):
     """--precision bf16 (auto's choice on CPUs with AVX512-BF16 or AMX) on the real checkpoint:
     the training loss falls from epoch to epoch, the losses stay within 2% of float32's, and the
@@ -194,8 +194,16 @@ def test_bf16_autocast_trains_and_scores_as_float32_does_on_a_fixed_slice(tmp_pa
     assert bf16["sts"] == pytest.approx(fp32["sts"], abs=0.01)
 
 
+def test_bf16_asked_for_where_it_would_be_emulated_runs_and_says_so(tmp_path, data_dir, checkpoint_dir, monkeypatch,
+                                                                      capsys):
+    tiny = make_tiny_checkpoint(tmp_path / "tiny", checkpoint_dir / "vocab.txt")
+    monkeypatch.setattr(train, "native_precision", lambda device: "fp32")  # as on a CPU without AVX512-BF16 or AMX
+    run(tmp_path, data_dir, "--bert", str(tiny), "--tasks", "sst", "--eval_only", "--eval_limit", "4", "--max_length", "32",
+        "--precision", "bf16")
+    assert "--precision bf16 here is emulated" in capsys.readouterr().out
+
+
 def test_linear_schedule_lowers_the_learning_rate_to_nearly_zero(tmp_path, data_dir):
-    import torch
     flags = ["--tasks", "sst", "--limit", "24", "--eval_limit", "8", "--max_length", "32", "--batch_size", "8",
              "--lr", "1e-4", "--epochs", "2", "--lr_schedule", "linear"]
     out_dir, _ = run(tmp_path, data_dir, *flags)  # 3 steps an epoch: the last step is 5 of 6 done
@@ -269,7 +277,6 @@ def test_eval_only_never_overwrites_a_run(tmp_path, data_dir, monkeypatch):
 def released_encoder_sts_predictions(examples):
     """5·cos, clipped to 0..5, of each pair's mean-pooled token vectors from transformers' BertModel
     on the released checkpoint: what scoring the encoder as released means, computed independently."""
-    import torch
     import transformers
     checkpoint = str(train.default_checkpoint_path())
     tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
@@ -289,7 +296,6 @@ def released_encoder_sts_predictions(examples):
 def test_eval_only_without_a_checkpoint_scores_the_encoder_as_released(tmp_path, data_dir):
     """The STS head has no weights, so this is the checkpoint's zero-shot STS score (the study's
     "pretrain" row for STS): each prediction is transformers' 5·cos, and r is theirs to 1e-5."""
-    import torch
     out_dir, scores = run(tmp_path, data_dir, "--tasks", "sts", "--eval_only", "--eval_limit", "200",
                           "--precision", "fp32")
     examples = tasks.read_examples(data_dir, "sts", "dev")[:200]
