@@ -241,7 +241,7 @@ def train(args, model, optimizer, regulariser, progress, train_data, dev_data, d
     params = [p for p in model.parameters() if p.requires_grad]
     # one target row per training example, in train_data's order: a batch's "rows" index them
     teachers = {task: targets.to(device) for task, targets in teachers.items()}
-    checkpoint = lambda: save_resumable(out_dir / "last.pt", args, model, optimizer, regulariser, progress, device)
+    save_last = lambda: save_resumable(out_dir / "last.pt", args, model, optimizer, regulariser, progress, device)
     for epoch in range(progress["epoch"], args.epochs):
         plan = epoch_plan(args, train_data, epoch)
         model.train()
@@ -270,10 +270,10 @@ def train(args, model, optimizer, regulariser, progress, train_data, dev_data, d
             bar.set_postfix(loss=f"{progress['total_loss'] / progress['n_steps']:.4f}")
             # (the epoch's last step is followed by the end-of-epoch save anyway)
             if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < len(plan):
-                checkpoint()
+                save_last()
         bar.close()
         end_epoch(args, model, progress, epoch, started, dev_data, device, out_dir)
-        checkpoint()
+        save_last()
         if distributed.RANK == 0:
             write_metrics(out_dir, progress["history"])
 

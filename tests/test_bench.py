@@ -130,6 +130,18 @@ def test_peak_memory_of_a_call_counts_what_it_allocates_and_holds():
     assert 128 * 2**20 <= peak < 160 * 2**20  # two calls, 64 MiB each, both held; a little else
 
 
+def test_a_whole_runs_peak_memory_is_its_own_not_its_parents():
+    """The epoch table's column: a child holding 200 MiB peaks at 200 MiB and a bit, and one
+    holding nothing peaks at a Python's few MiB, though this process holds 300 MiB when it forks."""
+    import subprocess
+    import sys
+    held = b"\x01" * (300 * 2**20)  # written, so resident (a bytearray of zeros would not be)
+    child = "import time; x = b'\\x01' * ({} * 2**20); time.sleep(0.3)"
+    peaks = [bench.wait_for_peak_memory(subprocess.Popen([sys.executable, "-c", child.format(n)])) for n in (200, 0)]
+    assert peaks[0][0] == peaks[1][0] == 0 and len(held) == 300 * 2**20
+    assert 200 <= peaks[0][1] < 260 and peaks[1][1] < 60
+
+
 def test_a_rows_memory_is_measured_in_a_fresh_process_set_up_as_its_table(data_dir):
     """What fills the peak-MiB column: bench.py run again for one section, measuring one contender."""
     args = bench.parse_args(["--quick", "--data_dir", str(data_dir)])
