@@ -203,6 +203,26 @@ def test_bf16_asked_for_where_it_would_be_emulated_runs_and_says_so(tmp_path, da
     assert "--precision bf16 here is emulated" in capsys.readouterr().out
 
 
+def test_compile_predicts_as_eager_does_and_keeps_the_state_names(tmp_path, data_dir, checkpoint_dir):
+    """--compile (torch.compile of the encoder in place, one graph for every length on the CPU):
+    the model predicts what the eager one does, to float32's rounding, on two batches of different
+    lengths, and its state_dict has the same names, so its checkpoints load without --compile.
+    (Forward only: compiling the backward too would cost the suite a minute.)"""
+    tiny, cpu = make_tiny_checkpoint(tmp_path / "tiny", checkpoint_dir / "vocab.txt"), torch.device("cpu")
+    argv = ["--data_dir", str(data_dir), "--tasks", "sst", "--max_length", "32", "--device", "cpu"]
+    torch.manual_seed(0)  # the same random head on both
+    eager = train.build_model(train.parse_args(argv), tiny, cpu).eval()
+    torch.manual_seed(0)
+    compiled = train.build_model(train.parse_args(argv + ["--compile"]), tiny, cpu).eval()
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    data = train.load_split(train.parse_args(argv), train.load_tokenizer(tiny), "sst", "dev", 16, cpu)
+    with torch.no_grad():
+        batches = [data.batch(list(rows))["inputs"] for rows in (range(4), range(4, 16))]
+        assert batches[0][0]["input_ids"].shape[1] != batches[1][0]["input_ids"].shape[1]  # each cut to its longest
+        for inputs in batches:
+            assert torch.allclose(compiled("sst", inputs), eager("sst", inputs), atol=1e-5)
+
+
 def test_linear_schedule_lowers_the_learning_rate_to_nearly_zero(tmp_path, data_dir):
     flags = ["--tasks", "sst", "--limit", "24", "--eval_limit", "8", "--max_length", "32", "--batch_size", "8",
              "--lr", "1e-4", "--epochs", "2", "--lr_schedule", "linear"]
