@@ -30,7 +30,7 @@ Each table's first row is its reference; x = a row's time / the reference's, sam
              `train.py --tasks sst --epochs 1` at its defaults; same checkpoint, batch 32, lr 1e-4 falling
              linearly, max length 128, weight decay 0.01, threads. Wall time of the whole process
              (start-up to scores), best of --rounds turns (--rounds 3 is plenty: a round is about five
-             minutes on a 2-core CPU with bf16), and dev accuracy.
+             minutes on a 2-core CPU with bf16, eleven on one without), and dev accuracy.
 
 Timing: on every batch the contenders take turns, round after round, in one process on the same
 threads; a batch's time is its median round (after a warm-up call each); a table shows the mean
@@ -204,9 +204,10 @@ def peak_memory_in_a_fresh_process(args, section, title, name):
 
 def wait_for_peak_memory(process, every=0.05):
     """Wait for `process` to end; its exit status and peak resident set (MiB), read from its own
-    /proc/<pid>/status (VmHWM) while it runs. Not wait4's ru_maxrss: Linux carries the forking
-    parent's resident set across exec into the child's, so a child of a bench.py that holds
-    models would count them (`python -c pass` forked from a 1.5 GiB parent: 1514 MiB)."""
+    /proc/<pid>/status (VmHWM) while it runs: that one process's, not its children's (the
+    compiler's workers, say). Not wait4's ru_maxrss: Linux carries the forking parent's peak
+    across exec into the child's ru_maxrss, so a child of a bench.py that holds models would
+    count them (`python -c pass` forked from a 1.5 GiB parent: 1514 MiB)."""
     peak = 0
     while process.poll() is None:
         try:

@@ -90,8 +90,8 @@ def main(argv=None):
     except RuntimeError as e:  # a bad launch: the message says what to change
         raise RunError(one_line(e)) from None
     if args.precision == "bf16" and native_precision(device) == "fp32":  # asked for, so kept, but said
-        log("--precision bf16 here is emulated (no native bfloat16 matmul on this device): it runs many times "
-            "slower than fp32, which --precision auto picks here")
+        log("--precision bf16 here is emulated (no native bfloat16 matmul on this device): fp32, what "
+            "--precision auto picks here, runs many times faster")
     torch.manual_seed(args.seed)
     out_dir = Path(args.out_dir)
 
@@ -716,7 +716,8 @@ def build_parser():
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda where there is one")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="bf16: bfloat16 autocast for the matmuls (the losses stay float32); auto: bf16 where the "
-                   "hardware has it (CPUs with AVX512-BF16 or AMX, CUDA cards with bf16), else fp32")
+                   "hardware has it (CPUs with AVX512-BF16 or AMX, CUDA cards with bf16), else fp32 (bf16 elsewhere "
+                   "is emulated, many times slower)")
     g.add_argument("--compile", action="store_true", help="torch.compile the encoder (measured slower on CPU); on "
                    "CUDA as CUDA graphs, with lengths padded to multiples of 16 (untried on a GPU yet)")
     g.add_argument("--save_every", type=int, default=0, help="also save last.pt every N steps of an epoch")

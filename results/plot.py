@@ -11,7 +11,6 @@ A multi-task row shows its overall score, a single-task row its task's.
 matplotlib is a results-only dependency (requirements-dev.txt), never one of train.py's.
 """
 import importlib.util
-import json
 import statistics
 from pathlib import Path
 

@@ -117,6 +117,19 @@ def test_quick_run_prints_each_tables_contenders_reference_first(data_dir, capsy
     assert step[1].split()[-4:] == ["TFLOP/s", "of", "the", "last"] and step[-1].endswith(" 100%")
 
 
+def test_where_bf16_is_not_native_the_step_table_is_float32_beside_a_float32_matmul(data_dir, capsys, monkeypatch):
+    monkeypatch.setattr(bench.train, "native_precision", lambda device: "fp32")  # as on a CPU with AVX2 only
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--quick", "--rounds", "1", "--threads", "1", "--data_dir", str(data_dir), "--no_memory",
+                    "--only", "step"])
+    finally:
+        torch.set_num_threads(threads)
+    table = capsys.readouterr().out.split("\n\n")[1].splitlines()
+    assert table[0].endswith("beside a fp32 matmul")
+    assert [line.split("  ")[1].strip() for line in table[2:]] == STEP_ROWS["fp32"]
+
+
 def test_the_flop_counter_counts_a_linear_layers_matmul_forward_and_backward():
     layer = torch.nn.Linear(384, 1536)
     x = torch.randn(100, 384, requires_grad=True)
@@ -136,7 +149,7 @@ def test_a_whole_runs_peak_memory_is_its_own_not_its_parents():
     import subprocess
     import sys
     held = b"\x01" * (300 * 2**20)  # written, so resident (a bytearray of zeros would not be)
-    child = "import time; x = b'\\x01' * ({} * 2**20); time.sleep(0.3)"
+    child = "import time; x = b'\\x01' * ({} * 2**20); time.sleep(1)"  # 20 polls at least, on a busy machine
     peaks = [bench.wait_for_peak_memory(subprocess.Popen([sys.executable, "-c", child.format(n)])) for n in (200, 0)]
     assert peaks[0][0] == peaks[1][0] == 0 and len(held) == 300 * 2**20
     assert 200 <= peaks[0][1] < 260 and peaks[1][1] < 60

@@ -304,7 +304,7 @@ def test_a_teacher_that_does_not_fit_is_one_line_exit_2_and_nothing_written(tmp_
 
 def test_a_resumed_student_whose_cache_lacks_an_example_is_refused(tmp_path, data_dir, tiny, teachers, monkeypatch,
                                                                    capsys):
-    out_dir, real_step = tmp_path / "student", train.training_step
+    out_dir = tmp_path / "student"
     more = ["--tasks", "sst", "--epochs", "1", "--save_every", "2", "--teachers", str(teachers / "sst-1")]
 
     def stop(*args, **kwargs):

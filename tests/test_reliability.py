@@ -12,7 +12,6 @@ as a real checkpoint folder: the properties do not depend on the model's size, a
 file fast on one CPU core.
 """
 import json
-import os
 import random
 import re
 import shutil
@@ -28,7 +27,7 @@ import torch
 
 import train
 from bert import BertModel, CheckpointError, read_safetensors
-from conftest import (assert_identical, assert_same_run, make_tiny_checkpoint, poisoned_task_loss, read_metrics,
+from conftest import (assert_same_run, make_tiny_checkpoint, poisoned_task_loss, read_metrics,
                       snapshot, write_safetensors)
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -215,6 +215,7 @@ def test_compile_predicts_as_eager_does_and_keeps_the_state_names(tmp_path, data
     torch.manual_seed(0)
     compiled = train.build_model(train.parse_args(argv + ["--compile"]), tiny, cpu).eval()
     assert list(compiled.state_dict()) == list(eager.state_dict())
+    eager.load_state_dict(compiled.state_dict())  # the same weights: a no-op that must not raise
     data = train.load_split(train.parse_args(argv), train.load_tokenizer(tiny), "sst", "dev", 16, cpu)
     with torch.no_grad():
         batches = [data.batch(list(rows))["inputs"] for rows in (range(4), range(4, 16))]
