@@ -381,7 +381,8 @@ def bench_step(args):
     torch.manual_seed(0)
     data = task_data(args.data_dir, "sst", args.limit, args.device)
     batches = [data.batch(indices) for indices in bucketed_indices(data, args.batch_size, args.n_batches)]
-    if train.native_precision(args.device) == "bf16":  # what --precision auto picks here
+    precision = train.native_precision(args.device)  # what --precision auto picks here
+    if precision == "bf16":
         dtype, steps = torch.bfloat16, {
             "fp32, eager update (the defaults before)": ["--precision", "fp32", "--no-fused_optimizer"],
             "bf16 autocast, eager update": ["--precision", "bf16", "--no-fused_optimizer"],
@@ -395,7 +396,6 @@ def bench_step(args):
     weight = torch.randn(hidden, inner, dtype=dtype, device=args.device)
     activations = {id(b): torch.randn(b["inputs"][0]["input_ids"].numel(), hidden, dtype=dtype,
                                       device=args.device) for b in batches}
-    precision = "bf16" if dtype == torch.bfloat16 else "fp32"
     matmul = f"{precision} matmul of the FFN's shape, same tokens (the limit)"
     contenders[matmul] = lambda batch: activations[id(batch)] @ weight
     counted = train_py_step(args, ["--precision", "fp32", "--no-fused_optimizer"])  # not a contender: it steps

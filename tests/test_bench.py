@@ -96,38 +96,41 @@ STEP_ROWS = {  # by what --precision auto picks on this CPU: bf16 where it is na
              "fp32 matmul of the FFN's shape, same tokens (the limit)"]}
 
 
-def test_quick_run_prints_each_tables_contenders_reference_first(data_dir, capsys):
-    # without the memory column, which starts a process per row (tested below); the optimizer and
-    # epoch tables are left out: compiling fused=True, and whole runs, take longer than the rest
+def quick_tables(data_dir, capsys, sections):
+    """The tables `bench.py --quick` prints for `sections` (one round, one thread, no memory
+    column), each as its lines."""
     threads = torch.get_num_threads()
     try:
         bench.main(["--quick", "--rounds", "1", "--threads", "1", "--data_dir", str(data_dir), "--no_memory",
-                    "--only", "encoder,tokenizer,data,smart,step"])
+                    "--only", sections])
     finally:
         torch.set_num_threads(threads)
-    tables = capsys.readouterr().out.split("\n\n")[1:]
-    contenders = [[line.split("  ")[1].strip() for line in t.splitlines()[2:]] for t in tables]
-    assert contenders == [["transformers sdpa", "ours", "transformers eager"]] * 2 + [
+    return [t.splitlines() for t in capsys.readouterr().out.split("\n\n")[1:]]
+
+
+def contenders_of(table):
+    return [line.split("  ")[1].strip() for line in table[2:]]
+
+
+def test_quick_run_prints_each_tables_contenders_reference_first(data_dir, capsys):
+    # without the memory column, which starts a process per row (tested below); the optimizer and
+    # epoch tables are left out: compiling fused=True, and whole runs, take longer than the rest
+    tables = quick_tables(data_dir, capsys, "encoder,tokenizer,data,smart,step")
+    assert list(map(contenders_of, tables)) == [["transformers sdpa", "ours", "transformers eager"]] * 2 + [
         ["transformers slow", "ours, cold cache", "transformers fast"],
         ["naive (tokenise per batch, pad to 128)", "ours (ids padded once, on the device; a batch is its rows)"],
         ["without SMART", "with SMART (K = 1)"],
         STEP_ROWS[bench.train.native_precision(CPU)]]
-    assert all(" 1.00x" in t.splitlines()[2] for t in tables)
-    step = tables[-1].splitlines()
+    assert all(" 1.00x" in t[2] for t in tables)
+    step = tables[-1]
     assert step[1].split()[-4:] == ["TFLOP/s", "of", "the", "last"] and step[-1].endswith(" 100%")
 
 
 def test_where_bf16_is_not_native_the_step_table_is_float32_beside_a_float32_matmul(data_dir, capsys, monkeypatch):
     monkeypatch.setattr(bench.train, "native_precision", lambda device: "fp32")  # as on a CPU with AVX2 only
-    threads = torch.get_num_threads()
-    try:
-        bench.main(["--quick", "--rounds", "1", "--threads", "1", "--data_dir", str(data_dir), "--no_memory",
-                    "--only", "step"])
-    finally:
-        torch.set_num_threads(threads)
-    table = capsys.readouterr().out.split("\n\n")[1].splitlines()
+    (table,) = quick_tables(data_dir, capsys, "step")
     assert table[0].endswith("beside a fp32 matmul")
-    assert [line.split("  ")[1].strip() for line in table[2:]] == STEP_ROWS["fp32"]
+    assert contenders_of(table) == STEP_ROWS["fp32"]
 
 
 def test_the_flop_counter_counts_a_linear_layers_matmul_forward_and_backward():
