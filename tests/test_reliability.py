@@ -1,6 +1,7 @@
 """Specification of train.py's reliability: bad input is one line and exit status 2 with nothing
-written, damaged checkpoints are refused cleanly, NaN steps are skipped and counted, and a run
-that is killed and resumed ends bit for bit where an uninterrupted run ends.
+written, damaged checkpoints are refused cleanly, NaN steps are skipped and counted, and an
+optimizer that cannot compile stops the run or runs eagerly. (A run killed and resumed:
+test_checkpoints.py.)
 
 The bad inputs run in this process, through train.cli() with sys.argv set, as `python train.py`
 would run them (a new Python and torch for each would cost seconds a case); four of them, one of
@@ -15,7 +16,6 @@ import json
 import random
 import re
 import shutil
-import signal
 import struct
 import subprocess
 import sys
@@ -27,15 +27,9 @@ import torch
 
 import train
 from bert import BertModel, CheckpointError, read_safetensors
-from conftest import (assert_same_run, make_tiny_checkpoint, poisoned_task_loss, read_metrics,
-                      snapshot, write_safetensors)
+from conftest import make_tiny_checkpoint, poisoned_task_loss, read_metrics, snapshot, write_safetensors
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, checkpoint_dir):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("bert") / "tiny", checkpoint_dir / "vocab.txt")
 
 
 # ----------------------------------------------------------------------------- bad input: one line, exit 2
@@ -424,126 +418,3 @@ def test_without_the_flag_an_optimizer_that_cannot_compile_runs_eagerly(tmp_path
     assert "the optimizer runs its eager update: torch.compile could not build the update " \
            "(RuntimeError: Compiler: cc is not found.)" in capsys.readouterr().out
     assert (tmp_path / "run" / "scores.json").is_file()
-
-
-# ----------------------------------------------------------------------------- resuming
-
-RUN = ["--tasks", "sst,sts", "--sampler", "roundrobin", "--smart", "--limit", "48", "--batch_size", "8",
-       "--epochs", "2", "--save_every", "2", "--max_length", "32", "--eval_limit", "16", "--lr", "1e-3",
-       "--seed", "2", "--hidden_dropout_prob", "0.3", "--lr_schedule", "constant", "--device", "cpu"]
-# 6 steps an epoch: mid-epoch checkpoints after steps 2 and 4. Every flag is pinned, so that a
-# change of default does not change what these tests run.
-
-
-def run_flags(data_dir, tiny, out_dir, *more):
-    return ["--data_dir", str(data_dir), "--bert", str(tiny), "--out_dir", str(out_dir), *RUN, *more]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, data_dir, tiny):
-    """The run the interrupted ones must reproduce."""
-    out_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    train.main(run_flags(data_dir, tiny, out_dir))
-    return out_dir
-
-
-def test_same_seed_on_the_same_cpu_gives_the_same_run_bit_for_bit(tmp_path, data_dir, tiny, uninterrupted):
-    train.main(run_flags(data_dir, tiny, tmp_path / "again"))
-    assert_same_run(uninterrupted, tmp_path / "again")
-
-
-# Runs train.py in a process that SIGKILLs itself while writing its second mid-epoch checkpoint
-# (after step 4 of epoch 1; the first last.pt is saved before step 1): the temporary file is half
-# written and last.pt holds step 2.
-KILLED_WHILE_SAVING = """
-import os, signal, sys
-import train
-saves = 0
-def save_atomically(obj, path, save=train.save_atomically):
-    global saves
-    saves += path.name == "last.pt"
-    if saves == 3:
-        with open(str(path) + ".tmp", "wb") as f:
-            f.write(b"half a checkpoint")
-        os.kill(os.getpid(), signal.SIGKILL)
-    save(obj, path)
-train.save_atomically = save_atomically
-sys.argv[0] = "train.py"
-train.cli()
-"""
-
-
-def test_a_run_killed_mid_epoch_and_resumed_ends_bit_for_bit_like_one_left_alone(
-        tmp_path, data_dir, tiny, uninterrupted):
-    out_dir = tmp_path / "run"
-    flags = run_flags(data_dir, tiny, out_dir)
-    killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_SAVING, *flags], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    progress = torch.load(out_dir / "last.pt", weights_only=True)["progress"]
-    assert (progress["epoch"], progress["step"]) == (0, 2)
-    assert (out_dir / "last.pt.tmp").exists() and not (out_dir / "metrics.jsonl").exists()
-
-    before = snapshot(out_dir)
-    with pytest.raises(train.RunError, match=r"last\.pt was saved with --lr 0\.001, not 0\.01; resume with the"):
-        train.main(flags + ["--resume", "--lr", "0.01"])
-    assert snapshot(out_dir) == before
-
-    train.main(flags + ["--resume", "--save_every", "3"])  # --save_every may change
-    assert_same_run(uninterrupted, out_dir)
-
-
-@pytest.mark.parametrize("when", ["best.pt saved, last.pt not", "last.pt saved, metrics.jsonl not"])
-def test_an_interrupt_at_the_end_of_an_epoch_leaves_a_run_that_resumes_exactly(
-        tmp_path, data_dir, tiny, uninterrupted, monkeypatch, capsys, when):
-    """The end of an epoch saves best.pt (epoch 1 always does: nothing is better yet), then last.pt,
-    then rewrites metrics.jsonl: Ctrl-C between any two must leave a run that resumes exactly."""
-    out_dir = tmp_path / "run"
-    save, write_metrics = train.save_atomically, train.write_metrics
-
-    def save_atomically(obj, path):
-        if when.startswith("best") and path.name == "last.pt" and obj["progress"]["epoch"] == 1:
-            raise KeyboardInterrupt
-        save(obj, path)
-
-    def interrupted_write_metrics(out_dir, history):
-        if when.startswith("last"):
-            raise KeyboardInterrupt
-        write_metrics(out_dir, history)
-
-    monkeypatch.setattr(train, "save_atomically", save_atomically)
-    monkeypatch.setattr(train, "write_metrics", interrupted_write_metrics)
-    monkeypatch.setattr(sys, "argv", ["train.py", *run_flags(data_dir, tiny, out_dir)])
-    with pytest.raises(SystemExit) as stopped:
-        train.cli()
-    assert stopped.value.code == 130 and "--resume" in capsys.readouterr().err
-    last = torch.load(out_dir / "last.pt", weights_only=True)["progress"]
-    assert (out_dir / "best.pt").exists() and not (out_dir / "metrics.jsonl").exists()
-    assert (last["epoch"], last["step"]) == ((0, 4) if when.startswith("best") else (1, 0))
-    monkeypatch.undo()
-
-    train.main(run_flags(data_dir, tiny, out_dir, "--resume"))
-    assert_same_run(uninterrupted, out_dir)
-
-
-def test_a_run_stopped_before_its_first_checkpoint_would_have_been_saved_resumes(tmp_path, data_dir, tiny, monkeypatch,
-                                                                                capsys, uninterrupted):
-    """Without --save_every the first epoch's end is the first regular save; a Ctrl-C before it
-    (here: as best.pt is written) must still leave a run that --resume continues exactly."""
-    out_dir = tmp_path / "run"
-    flags = [f for f in run_flags(data_dir, tiny, out_dir)]
-    save = train.save_atomically
-
-    def save_atomically(obj, path):
-        if path.name == "best.pt":
-            raise KeyboardInterrupt
-        save(obj, path)
-
-    monkeypatch.setattr(train, "save_atomically", save_atomically)
-    monkeypatch.setattr(sys, "argv", ["train.py", *flags, "--save_every", "0"])
-    with pytest.raises(SystemExit):
-        train.cli()
-    monkeypatch.undo()
-    assert torch.load(out_dir / "last.pt", weights_only=True)["progress"]["step"] == 0
-    train.main(run_flags(data_dir, tiny, out_dir, "--resume"))
-    assert_same_run(uninterrupted, out_dir)

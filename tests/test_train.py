@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import checkpoints
 import tasks
 import train
 from conftest import make_tiny_checkpoint, snapshot
@@ -36,7 +37,7 @@ def test_multitask_run_lowers_the_loss_and_writes_complete_predictions(tmp_path,
     out_dir, scores = run(tmp_path, data_dir, "--limit", "48", "--eval_limit", "40", "--epochs", "3",
                           "--batch_size", "8", "--lr", "1e-4", "--lr_schedule", "constant", "--loss", "gls",
                           "--sampler", "roundrobin", "--hidden_dropout_prob", "0.1")
-    metrics = train.read_metrics(out_dir)
+    metrics = checkpoints.read_metrics(out_dir)
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
     assert set(scores) == {"sst", "para", "sts"}
@@ -100,7 +101,7 @@ def test_every_sampler_and_loss_strategy_trains(tmp_path, data_dir, sampler, los
     assert all(grad is tables[0] for grad in tables)  # the word table's gradient: one buffer, kept
     for step_loss, step_task_losses in steps:
         assert step_loss == pytest.approx(combined_in_float64(step_task_losses, loss), rel=1e-6)
-    (record,) = train.read_metrics(out_dir)
+    (record,) = checkpoints.read_metrics(out_dir)
     assert record["skipped_steps"] == 0 and record["train_loss"] > 0
     assert set(scores) == {"sst", "para", "sts"}
     last = torch.load(out_dir / "last.pt", weights_only=True)
@@ -172,7 +173,7 @@ def test_fused_optimizer_trains_like_the_eager_one(tmp_path, data_dir):
     # asked for, so that a machine where it cannot compile fails here rather than comparing eager with eager
     fused_dir, fused = run(tmp_path, data_dir, *flags, "--fused_optimizer", name="fused")
     assert fused == eager
-    assert train.read_metrics(fused_dir)[0]["train_loss"] == pytest.approx(train.read_metrics(eager_dir)[0]["train_loss"], rel=1e-5)
+    assert checkpoints.read_metrics(fused_dir)[0]["train_loss"] == pytest.approx(checkpoints.read_metrics(eager_dir)[0]["train_loss"], rel=1e-5)
 
 
 @pytest.mark.skipif(train.native_precision(torch.device("cpu")) != "bf16",
@@ -186,7 +187,7 @@ def test_bf16_autocast_trains_and_scores_as_float32_does_on_a_fixed_slice(tmp_pa
              "2", "--batch_size", "16", "--lr_schedule", "constant"]
     fp32_dir, fp32 = run(tmp_path, data_dir, *flags, "--precision", "fp32", name="fp32")
     bf16_dir, bf16 = run(tmp_path, data_dir, *flags, "--precision", "bf16", name="bf16")
-    losses = {name: [m["train_loss"] for m in train.read_metrics(d)] for name, d in (("fp32", fp32_dir),
+    losses = {name: [m["train_loss"] for m in checkpoints.read_metrics(d)] for name, d in (("fp32", fp32_dir),
                                                                                       ("bf16", bf16_dir))}
     assert losses["bf16"][1] < losses["bf16"][0]
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02)
@@ -255,7 +256,7 @@ def test_resume_takes_the_runs_flags_from_last_pt(tmp_path, data_dir):
     out_dir, _ = run(tmp_path, data_dir, *flags)
     # the run's folder and a longer run are all it takes: its flags come from last.pt
     train.main(["--resume", "--out_dir", str(out_dir), "--data_dir", str(data_dir), "--epochs", "2"])
-    assert [m["epoch"] for m in train.read_metrics(out_dir)] == [1, 2]
+    assert [m["epoch"] for m in checkpoints.read_metrics(out_dir)] == [1, 2]
     resumed = json.loads((out_dir / "args.json").read_text())
     assert (resumed["tasks"], resumed["limit"], resumed["lr"], resumed["epochs"]) == (["sst"], 16, 3e-4, 2)
     with pytest.raises(train.RunError, match=r"saved with --lr 0\.0003, not 0\.001; resume with the run's own"):
